@@ -1,0 +1,150 @@
+"""``femb.train.train(cfg)`` end to end through the real ``conf/`` and Hydra's compose API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from femb.data import SyntheticFaceDataset
+from femb.train import build, load_model, train
+
+from .conftest import REPO
+
+
+def test_two_step_run_writes_csv_events_and_checkpoint(make_cfg, tmp_path):
+    cfg = make_cfg(
+        [
+            "dataset=synthetic",
+            "backbone=mobilefacenet",
+            "header=arcface",
+            "max_training_steps=2",
+            "evaluation_steps=1",
+            "batch_size=8",
+        ]
+    )
+    metrics = train(cfg)
+    run = tmp_path / "run"
+
+    rows = pd.read_csv(run / "verification.csv")
+    assert rows["step"].tolist() == [1, 2]
+    assert {"epoch", "train_loss", "lr", "synthetic/eer", "synthetic/auc"} <= set(rows.columns)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["global_step"] == 2
+    assert summary["synthetic/eer"] == pytest.approx(metrics["synthetic/eer"])
+
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert state["config"]["header"]["_target_"] == "femb.headers.ArcFaceHeader"
+    assert state["global_step"] == 2
+
+    # The checkpoint rebuilds the same model from its own config.
+    model = load_model(run)
+    images = torch.stack(
+        [
+            SyntheticFaceDataset(split="val", num_identities=4, images_per_identity=3)[i][0]
+            for i in range(3)
+        ]
+    )
+    rebuilt = build(cfg)["model"]
+    rebuilt.load_checkpoint_state(state)
+    torch.testing.assert_close(model.encode(images), rebuilt.encode(images))
+
+
+def test_fixed_seed_gives_the_same_losses(make_cfg):
+    overrides = [
+        "dataset=synthetic",
+        "backbone=mobilefacenet",
+        "max_training_steps=3",
+        "evaluation_steps=3",
+        "batch_size=8",
+        "tensorboard=false",
+    ]
+    first = train(make_cfg(overrides, subdir="a"))
+    second = train(make_cfg(overrides, subdir="b"))
+    assert first["train/loss"] == second["train/loss"]
+    assert json.dumps(first) == json.dumps(second)
+
+
+@pytest.mark.parametrize("header", ["sphereface", "cosface", "arcface", "magface", "linear"])
+def test_every_header_trains_on_real_orl_faces(make_cfg, data_root, header):
+    cfg = make_cfg(
+        [
+            f"header={header}",
+            "backbone=mobilefacenet",
+            "max_training_steps=2",
+            "evaluation_steps=2",
+            "batch_size=4",
+            "tensorboard=false",
+            "embed_dim=64",
+        ]
+    )
+    metrics = train(cfg)
+    assert 0.0 <= metrics["orl/eer"] <= 1.0
+    assert metrics["orl/n_genuine"] == 10 * 45  # all pairs of s31-s40, 10 images each
+    assert metrics["orl/n_impostor"] == 100 * 99 // 2 - 450
+
+
+def test_scheduler_total_steps_is_injected(make_cfg):
+    cfg = make_cfg(
+        [
+            "dataset=synthetic",
+            "scheduler=cosine",
+            "max_training_steps=0",
+            "max_epochs=2",
+            "batch_size=8",
+        ]
+    )
+    parts = build(cfg)
+    scheduler = parts["lr_global_step_scheduler"]
+    assert parts["lr_epoch_scheduler"] is None
+    lrs = []
+    for _ in range(2 * (32 // 8)):  # 8 identities x 4 images, batch 8: 4 steps per epoch
+        parts["optimizer"].step()
+        scheduler.step()
+        lrs.append(parts["optimizer"].param_groups[0]["lr"])
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0 at the run's last step
+
+
+def test_unknown_option_lists_the_valid_ones(tmp_path):
+    from .conftest import compose_train
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(["header=arcfce"], tmp_path)
+    assert "arcface" in str(err.value) and "cosface" in str(err.value)
+
+
+def test_missing_dataset_folder_is_a_clear_error(make_cfg, tmp_path):
+    cfg = make_cfg([f"data_root={tmp_path / 'nowhere'}", "max_training_steps=1"])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_the_script_runs_and_sweeps(tmp_path, multirun):
+    sweep = ["-m", "header=arcface,cosface"] if multirun else ["header=magface"]
+    command = [
+        sys.executable,
+        "scripts/train.py",
+        *sweep,
+        "debug=fast",
+        "max_training_steps=2",
+        f"hydra.run.dir={tmp_path}/run",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "progress=false",
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").iterdir()) if multirun else [tmp_path / "run"]
+    runs = [r for r in runs if r.is_dir()]
+    assert len(runs) == (2 if multirun else 1)
+    for run in runs:
+        assert (run / "verification.csv").is_file()
+        assert (run / "train.log").is_file() and "eval step" in (run / "train.log").read_text()
+        assert (run / ".hydra" / "config.yaml").is_file()
+        assert (run / "checkpoints" / "last.pt").is_file()
