@@ -200,7 +200,7 @@ class FaceEmbeddingModel(nn.Module):
             normalize=False,
             num_workers=num_workers,
         )
-        return _score(evaluator, dataset, embeddings)
+        return _score(evaluator, dataset, embeddings)[0]
 
     def fit(
         self,
@@ -511,8 +511,10 @@ class FaceEmbeddingModel(nn.Module):
                 normalize=False,
                 num_workers=num_workers,
             )
-            scores = _score(evaluator, dataset, embeddings)
+            scores, roc = _score(evaluator, dataset, embeddings)
             metrics.update({f"{name}/{key}": float(value) for key, value in scores.items()})
+            if roc is not None:
+                writer.roc(name, self.global_step, roc)
             if projection_samples > 0 and writer.tensorboard:
                 self._write_projection(
                     dataset, embeddings, _labels_of(dataset), writer, name, projection_samples
@@ -681,14 +683,16 @@ def _labels_of(dataset: Dataset) -> Any:
     return torch.as_tensor(labels)
 
 
-def _score(evaluator: Any, dataset: Dataset, embeddings: torch.Tensor) -> dict[str, float]:
-    return evaluator(
-        embeddings,
-        _labels_of(dataset),
-        pairs=getattr(dataset, "pairs", None),
-        issame=getattr(dataset, "issame", None),
-        folds=getattr(dataset, "folds", None),
-    )
+def _score(evaluator: Any, dataset: Dataset, embeddings: torch.Tensor) -> tuple[dict, Any]:
+    """Score a validation set: ``(metrics, roc)``; ``roc`` is None for an evaluator without
+    ``compute`` (any callable returning a metrics dict is a valid evaluator)."""
+    args = (embeddings, _labels_of(dataset))
+    kwargs = {key: getattr(dataset, key, None) for key in ("pairs", "issame", "folds")}
+    compute = getattr(evaluator, "compute", None)
+    if compute is None:
+        return evaluator(*args, **kwargs), None
+    result = compute(*args, **kwargs)
+    return result.metrics, result.roc
 
 
 def _current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 CSV_NAME = "verification.csv"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+ROC_DIR = "roc"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
@@ -91,6 +92,7 @@ class RunWriter:
           verification.csv      one row per evaluation
           tensorboard/          scalars and embedding projections (when enabled)
           checkpoints/          last.pt and best.pt
+          roc/<set>/step_<N>.csv  the ROC points (fpr, tpr, threshold) of every evaluation
 
     Args:
         out_dir: The run directory; created if missing.
@@ -166,6 +168,22 @@ class RunWriter:
         self._tb.add_embedding(
             embeddings, metadata=labels, label_img=images, global_step=step, tag=tag
         )
+
+    def roc(self, set_name: str, step: int, roc: Any) -> Path:
+        """Write the ROC of one evaluation to ``roc/<set_name>/step_<step>.csv``.
+
+        Args:
+            set_name: Validation set name.
+            step: Global step of the evaluation.
+            roc: Has ``fpr``, ``tpr`` and ``thresholds`` arrays (a ``femb.evaluation.RocCurve``).
+        """
+        path = self.out_dir / ROC_DIR / set_name / f"step_{step:08d}.csv"
+        rows = [
+            {"fpr": float(f), "tpr": float(t), "threshold": float(h)}
+            for f, t, h in zip(roc.fpr, roc.tpr, roc.thresholds, strict=True)
+        ]
+        write_csv(path, rows)
+        return path
 
     def save_checkpoint(self, state: Mapping[str, Any], name: str) -> Path:
         path = self.checkpoint_path(name)

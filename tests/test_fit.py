@@ -189,6 +189,11 @@ def test_evaluation_every_n_global_steps_and_at_the_end(train_set, val_set, tmp_
     assert rows["epoch"].tolist() == [0, 1, 1]
     for column in ("train_loss", "lr", "val/eer", "val/auc", "val/eer_threshold"):
         assert column in rows and rows[column].notna().all()
+    rocs = sorted((tmp_path / "roc" / "val").glob("*.csv"))
+    assert [p.name for p in rocs] == [f"step_{s:08d}.csv" for s in (3, 6, 7)]
+    roc = pd.read_csv(rocs[-1])
+    assert roc["fpr"].is_monotonic_increasing and roc["tpr"].is_monotonic_increasing
+    assert (roc["fpr"].iloc[0], roc["fpr"].iloc[-1]) == (0.0, 1.0)
 
 
 def test_evaluation_every_epoch_when_evaluation_steps_is_zero(train_set, val_set, tmp_path):

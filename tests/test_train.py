@@ -148,3 +148,20 @@ def test_the_script_runs_and_sweeps(tmp_path, multirun):
         assert (run / "train.log").is_file() and "eval step" in (run / "train.log").read_text()
         assert (run / ".hydra" / "config.yaml").is_file()
         assert (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_training_augmentation_never_reaches_validation(make_cfg, data_root):
+    parts = build(make_cfg(["dataset=orl"]))
+    val = parts["val_sets"]["orl"]
+    torch.manual_seed(0)
+    first = torch.stack([val[i][0] for i in range(6)])
+    torch.manual_seed(1)
+    assert torch.equal(first, torch.stack([val[i][0] for i in range(6)]))
+    # The training set does flip: over a few draws some image comes out mirrored.
+    train_set = parts["train_set"]
+    draws = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        draws.append(train_set[0][0])
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    assert any(torch.equal(draws[0].flip(2), d) for d in draws[1:])
