@@ -5,6 +5,7 @@ Every dataset returns ``(image (3, S, S) float32 in [-1, 1], label int)`` and ex
 ``pairs``, ``issame`` and ``folds`` (see :mod:`femb.data.base`).
 """
 
+from femb.data.bad_images import SkipBadImages
 from femb.data.base import IMAGE_EXTENSIONS, FaceDataset, ImageReadError, load_image
 from femb.data.binfile import BinVerificationDataset, consecutive_folds, read_bin, write_bin
 from femb.data.data_root import ENV_VAR, default_data_root
@@ -19,6 +20,7 @@ from femb.data.pairs import (
     pairs_from_labels,
     read_pairs_file,
 )
+from femb.data.recordio import RecordIODataset, write_recordio
 from femb.data.synthetic import SyntheticFaceDataset
 from femb.data.transforms import face_transform
 
@@ -35,6 +37,8 @@ __all__ = [
     "PairRecord",
     "PairsDataset",
     "PairsProtocol",
+    "RecordIODataset",
+    "SkipBadImages",
     "SyntheticFaceDataset",
     "consecutive_folds",
     "default_data_root",
@@ -44,4 +48,5 @@ __all__ = [
     "read_bin",
     "read_pairs_file",
     "write_bin",
+    "write_recordio",
 ]

@@ -15,6 +15,7 @@ from femb.headers.cosface import CosFaceHeader
 from femb.headers.curricularface import CurricularFaceHeader
 from femb.headers.linear import LinearHeader
 from femb.headers.magface import MagFaceHeader
+from femb.headers.partial_fc import PartialFCHeader
 from femb.headers.sphereface import SphereFaceHeader
 from femb.headers.subcenter import SubCenterArcFaceHeader
 
@@ -57,6 +58,7 @@ __all__ = [
     "LinearHeader",
     "MagFaceHeader",
     "MarginHeader",
+    "PartialFCHeader",
     "SphereFaceHeader",
     "SubCenterArcFaceHeader",
     "available_headers",
