@@ -80,3 +80,15 @@ def test_presets_compose(tmp_path, name):
     group = "debug" if name in options("debug") else "experiment"
     cfg = compose_train([f"{group}={name}"], tmp_path)
     OmegaConf.resolve(cfg)
+
+
+def test_extra_validation_sets_join_the_dataset_ones(tmp_path, data_root):
+    cfg = compose_train(["dataset=orl", "+valset=lfw"], tmp_path)
+    assert list(cfg.dataset.val) == ["orl", "lfw"]
+    lfw = instantiate(cfg.dataset.val.lfw)
+    assert len(lfw.pairs) == 600
+    names = [f"bin_{n}" for n in ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")]
+    assert sorted(names) == [n for n in options("valset") if n.startswith("bin_")]
+    cfg = compose_train([f"+valset=[{','.join(names)}]", "valset_dir=/data/emore"], tmp_path)
+    assert cfg.dataset.val.cfp_fp.path == "/data/emore/cfp_fp.bin"
+    assert list(cfg.dataset.val) == ["orl", "lfw_bin", "cfp_fp", "agedb_30", "calfw", "cplfw"]
