@@ -525,3 +525,18 @@ def test_input_validation():
         evaluator(emb, labels, folds=np.zeros(3, dtype=int))
     with pytest.raises(ValueError, match="n_folds"):
         VerificationEvaluator(n_folds=1)
+
+
+def test_a_single_protocol_fold_is_cross_validated_in_consecutive_folds():
+    # LFW's pairs_fold1.txt is one fold of pairs.txt: all its pairs carry fold 0.
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 8))
+    pairs = np.stack([np.arange(0, 40, 2), np.arange(1, 40, 2)], axis=1)
+    issame = rng.random(20) < 0.5
+    evaluator = VerificationEvaluator(n_folds=5)
+    one_fold = evaluator(emb, None, pairs=pairs, issame=issame, folds=np.zeros(20, dtype=int))
+    consecutive = evaluator(
+        emb, None, pairs=pairs, issame=issame, folds=np.repeat(np.arange(5), 4)
+    )
+    assert one_fold["accuracy"] == consecutive["accuracy"]
+    assert one_fold["accuracy_std"] == consecutive["accuracy_std"]

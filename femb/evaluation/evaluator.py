@@ -177,7 +177,8 @@ class VerificationEvaluator:
             labels: (N,) integer identity labels; required in all-pairs mode.
             pairs: (P, 2) integer indices into ``embeddings``.
             issame: (P,) bool, True for same-identity pairs.
-            folds: (P,) integer fold id per pair; default: ``n_folds`` consecutive folds.
+            folds: (P,) integer fold id per pair; default, or when all pairs share one fold:
+                ``n_folds`` consecutive folds.
 
         Raises:
             ValueError: For inconsistent shapes, out-of-range indices, NaN/inf embeddings, or
@@ -224,6 +225,10 @@ class VerificationEvaluator:
         scores = self.similarity.from_cosine(cos)
 
         split = GenuineImpostorScores.from_labels(scores, issame)
+        if folds is not None and np.unique(folds).size < 2:
+            # One protocol fold (e.g. LFW's pairs_fold1.txt): cross-validate within it, as
+            # insightface does for its .bin sets, over n_folds consecutive folds.
+            folds = None
         kfold = kfold_accuracy(scores, issame, folds=folds, n_folds=self.n_folds)
         metrics = self._verification_metrics(split)
         metrics["accuracy"] = kfold.mean
