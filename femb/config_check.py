@@ -95,7 +95,8 @@ def check_config(cfg: DictConfig) -> None:
         "auto, cpu, mps, cuda or cuda:N",
         "auto",
     )
-    for key in ("tensorboard", "progress", "flip_test"):
+    need("max_bad_fraction", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)", "0.01")
+    for key in ("tensorboard", "progress", "flip_test", "skip_bad_images"):
         need(key, lambda v: isinstance(v, bool), "true or false", "true")
     need(
         "header_lr",

@@ -3,7 +3,8 @@
 ``train(cfg)`` takes a composed config of ``conf/train.yaml`` (from ``@hydra.main`` or from
 Hydra's compose API in tests and notebooks), builds every part with
 ``hydra.utils.instantiate`` and returns the final metrics, so that sweepers (Optuna) can
-optimise what it returns.
+optimise what it returns. Started by ``torchrun``, every process runs ``train(cfg)`` and they
+train one model together (see :mod:`femb.distributed`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from femb.model import FaceEmbeddingModel
+from femb import distributed
+from femb.config_check import check_config
+from femb.data import SkipBadImages
+from femb.model import FaceEmbeddingModel, TrainingInterrupted
 from femb.run_io import atomic_write
 from femb.utils import seed_everything
 
@@ -53,6 +57,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
     log.info("Instantiating train dataset <%s>", cfg.dataset.train._target_)
     train_set = instantiate(cfg.dataset.train)
+    if cfg.skip_bad_images:
+        train_set = SkipBadImages(train_set, max_bad_fraction=cfg.max_bad_fraction)
     val_sets = {}
     for name, node in (cfg.dataset.get("val") or {}).items():
         log.info("Instantiating validation dataset %r <%s>", name, node._target_)
@@ -76,9 +82,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     optimizer = instantiate(cfg.optimizer)(params=groups)
 
     schedulers = {"epoch": None, "step": None}
-    interval, scheduler = build_scheduler(
-        cfg.scheduler, optimizer, total_training_steps(cfg, len(train_set))
-    )
+    steps = total_training_steps(cfg, len(train_set), world_size=distributed.world_size())
+    interval, scheduler = build_scheduler(cfg.scheduler, optimizer, steps)
     schedulers[interval] = scheduler
 
     evaluator = None
@@ -123,15 +128,21 @@ def build_scheduler(
     return node.interval, make(optimizer=optimizer, **kwargs)
 
 
-def total_training_steps(cfg: DictConfig, num_train_images: int) -> int:
-    """Global steps the run will take: ``max_training_steps``, else epochs x full batches."""
+def total_training_steps(cfg: DictConfig, num_train_images: int, world_size: int = 1) -> int:
+    """Global steps the run will take: ``max_training_steps``, else epochs x full batches.
+
+    A global batch is ``batch_size x world_size`` images (``batch_size`` is per process).
+    """
     if cfg.max_training_steps > 0:
         return int(cfg.max_training_steps)
-    return int(cfg.max_epochs) * (num_train_images // int(cfg.batch_size))
+    return int(cfg.max_epochs) * (num_train_images // (int(cfg.batch_size) * world_size))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train one model as the config says and write its run directory.
+
+    Under ``torchrun`` every process calls this; they join one process group first (NCCL on
+    GPUs, gloo on the CPU) and only rank 0 writes files.
 
     Args:
         cfg: A composed ``conf/train.yaml``. ``cfg.output_dir`` is the run directory
@@ -140,35 +151,76 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         The final metrics, e.g. ``{"val/eer": ..., "val/auc": ..., "train/loss": ...}``; also
         written to ``metrics.json`` in the run directory.
-    """
-    out_dir = Path(cfg.output_dir)
-    parts = build(cfg)
-    model: FaceEmbeddingModel = parts["model"]
-    resolved = OmegaConf.to_container(cfg, resolve=True)
 
-    metrics = model.fit(
-        train_dataset=parts["train_set"],
-        batch_size=cfg.batch_size,
-        device=cfg.device,
-        optimizer=parts["optimizer"],
-        lr_epoch_scheduler=parts["lr_epoch_scheduler"],
-        lr_global_step_scheduler=parts["lr_global_step_scheduler"],
-        evaluator=parts["evaluator"],
-        val_dataset=parts["val_sets"] or None,
-        evaluation_steps=cfg.evaluation_steps,
-        max_training_steps=cfg.max_training_steps,
-        max_epochs=cfg.max_epochs,
-        tensorboard=cfg.tensorboard,
-        out_dir=out_dir,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        log_every=cfg.log_every,
-        progress=cfg.progress,
-        monitor=cfg.monitor,
-        flip_test=cfg.flip_test,
-        projection_samples=cfg.projection_samples,
-        config=resolved,
-    )
+    Raises:
+        SystemExit: With status ``128 + signal`` after SIGINT or SIGTERM stopped the run
+            (``checkpoints/last.pt`` then holds the state to continue from with
+            ``resume=auto`` or ``resume=<run dir>``).
+    """
+    check_config(cfg)  # impossible values fail here, before any data is read
+    with distributed.distributed_from_env(cfg.device):
+        out_dir = Path(cfg.output_dir)
+        parts = build(cfg)
+        model: FaceEmbeddingModel = parts["model"]
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            metrics = model.fit(
+                train_dataset=parts["train_set"],
+                batch_size=cfg.batch_size,
+                device=cfg.device,
+                optimizer=parts["optimizer"],
+                lr_epoch_scheduler=parts["lr_epoch_scheduler"],
+                lr_global_step_scheduler=parts["lr_global_step_scheduler"],
+                evaluator=parts["evaluator"],
+                val_dataset=parts["val_sets"] or None,
+                evaluation_steps=cfg.evaluation_steps,
+                max_training_steps=cfg.max_training_steps,
+                max_epochs=cfg.max_epochs,
+                tensorboard=cfg.tensorboard,
+                out_dir=out_dir,
+                num_workers=cfg.num_workers,
+                seed=cfg.seed,
+                log_every=cfg.log_every,
+                progress=cfg.progress,
+                monitor=cfg.monitor,
+                flip_test=cfg.flip_test,
+                projection_samples=cfg.projection_samples,
+                config=resolved,
+                precision=cfg.precision,
+                channels_last=cfg.channels_last,
+                compile=cfg.compile,
+                clip_grad_norm=cfg.clip_grad_norm,
+                checkpoint_steps=cfg.checkpoint_steps,
+                resume_from=cfg.resume,
+                nonfinite=cfg.nonfinite,
+                max_nonfinite_skips=cfg.max_nonfinite_skips,
+                handle_signals=cfg.handle_signals,
+                sync_batchnorm=cfg.sync_batchnorm,
+                pin_memory=cfg.pin_memory,
+                persistent_workers=cfg.persistent_workers,
+                prefetch_factor=cfg.prefetch_factor,
+            )
+        except TrainingInterrupted as stop:
+            # 128 + signal is the shell's status for a process ended by that signal.
+            raise SystemExit(128 + stop.signum) from None
+        if distributed.is_main_process():
+            _write_summary(out_dir, metrics, model)
+            if cfg.tensorboard:
+                _write_hparams(out_dir, resolved, metrics, model.global_step)
+    return metrics
+
+
+def _write_hparams(out_dir: Path, resolved: dict, metrics: dict, step: int) -> None:
+    """The run's hyperparameters beside its final metrics, for TensorBoard's HParams tab."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from femb.analysis import write_hparams
+
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
+    write_hparams(out_dir, resolved, metrics, step=step, choices=choices)
+
+
+def _write_summary(out_dir: Path, metrics: dict[str, float], model: FaceEmbeddingModel) -> None:
     summary = {
         k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
     }
@@ -178,7 +230,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         out_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=2).encode())
     )
     log.info("Final metrics: %s", json.dumps(summary))
-    return metrics
 
 
 def load_model(

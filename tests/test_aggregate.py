@@ -375,11 +375,23 @@ def test_aggregate_script_on_a_real_multirun(multirun, tmp_path):
     for name in ("curves_synthetic_eer.png", "curves_train_loss.png", "roc_synthetic.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
 
-    # --roc: the ROC from checkpoints/last.pt reproduces the run's final AUC.
+    # The trainer's ROC of the last evaluation reproduces the run's final AUC...
     for _, run in runs.iterrows():
-        roc = pd.read_csv(out / "roc" / run["run"] / "synthetic.csv")
+        final = sorted((Path(run["run_dir"]) / "roc" / "synthetic").glob("step_*.csv"))[-1]
+        roc = pd.read_csv(final)
         auc = np.trapezoid(roc["tpr"], roc["fpr"])
         assert auc == pytest.approx(run["final/synthetic/auc"], abs=1e-6)
+
+    # ...and --roc recomputes it from checkpoints/last.pt for a run that has no ROC files.
+    copy = tmp_path / "copy"
+    shutil.copytree(multirun, copy)
+    first = sorted(p for p in copy.iterdir() if (p / ".hydra").is_dir())[0]
+    shutil.rmtree(first / "roc")
+    written = analysis.compute_rocs(analysis.load_runs(copy), tmp_path / "rocs")
+    assert [p.parent.name for p in written] == [first.name]
+    roc = pd.read_csv(written[0])
+    auc = np.trapezoid(roc["tpr"], roc["fpr"])
+    assert auc == pytest.approx(runs["final/synthetic/auc"].iloc[0], abs=1e-6)
 
 
 def test_tensorboard_runs_share_one_tag_layout(multirun):
@@ -398,7 +410,7 @@ def test_tensorboard_runs_share_one_tag_layout(multirun):
         scalars = analysis.read_scalars(run)
         tags = set(scalars["tag"])
         assert shared <= tags, run.name
-        assert {t.split("/", 1)[0] for t in tags} <= {"train", "header", "synthetic"}
+        assert {t.split("/", 1)[0] for t in tags} <= {"train", "header", "synthetic", "hparams"}
         assert scalars.loc[scalars["tag"] == "synthetic/eer", "step"].tolist() == [1, 2]
         val_layouts.append({t for t in tags if t.startswith("synthetic/")})
     # Every job logs the same validation tags, so TensorBoard overlays them run by run.

@@ -163,6 +163,19 @@ def test_skip_bad_images_fails_past_the_stated_fraction(tmp_path):
         dataset[0]
 
 
+def test_skip_bad_images_from_the_config(tmp_path):
+    from femb.train import build
+
+    root = _write_identity_tree(tmp_path / "d", corrupt=1, per_person=50)
+    overrides = ["dataset=folder", f"dataset.train.root={root}", "~dataset.val"]
+    parts = build(compose_train([*overrides, "skip_bad_images=true"], tmp_path / "run"))
+    assert isinstance(parts["train_set"], SkipBadImages)
+    assert parts["train_set"][0][0].shape == (3, 112, 112)
+    parts = build(compose_train(overrides, tmp_path / "run"))
+    with pytest.raises(ImageReadError):
+        parts["train_set"][0]
+
+
 def test_malformed_pairs_line_names_file_and_line(tmp_path):
     path = tmp_path / "pairs.txt"
     path.write_text("1\t1\nAlice\t1\t2\nBob\t1\tCarol\n")
@@ -259,3 +272,20 @@ def test_loss_that_is_not_finite_stops_with_the_step(tmp_path):
             progress=False,
         )
     assert np.isfinite(header.weight.detach().numpy()).all()  # no update from the bad step
+
+
+def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    command = [
+        sys.executable, "scripts/train.py", "-m", "debug=fast", "max_training_steps=0",
+        "max_epochs=0,1", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0  # the sweep reports the failure...
+    assert "training would never stop" in done.stderr
+    assert "training would never stop" in (tmp_path / "0" / "error.txt").read_text()
+    assert (tmp_path / "1" / "metrics.json").is_file()  # ...after the other job finished

@@ -527,16 +527,19 @@ def test_input_validation():
         VerificationEvaluator(n_folds=1)
 
 
-def test_a_single_protocol_fold_is_cross_validated_in_consecutive_folds():
-    # LFW's pairs_fold1.txt is one fold of pairs.txt: all its pairs carry fold 0.
+def test_a_single_protocol_fold_is_cross_validated_in_balanced_folds():
+    # LFW's pairs_fold1.txt is one fold of pairs.txt: 300 matched, then 300 mismatched pairs.
+    from femb.evaluation.evaluator import stratified_folds
+
+    issame = np.repeat([True, False], 30)
+    folds = stratified_folds(issame, 5)
+    for k in range(5):
+        assert (issame[folds == k].sum(), (~issame[folds == k]).sum()) == (6, 6)
     rng = np.random.default_rng(0)
-    emb = rng.normal(size=(40, 8))
-    pairs = np.stack([np.arange(0, 40, 2), np.arange(1, 40, 2)], axis=1)
-    issame = rng.random(20) < 0.5
+    emb = rng.normal(size=(120, 8))
+    emb[1::2][:30] = emb[0::2][:30] + 0.3 * rng.normal(size=(30, 8))  # matched pairs are close
+    pairs = np.stack([np.arange(0, 120, 2), np.arange(1, 120, 2)], axis=1)
     evaluator = VerificationEvaluator(n_folds=5)
-    one_fold = evaluator(emb, None, pairs=pairs, issame=issame, folds=np.zeros(20, dtype=int))
-    consecutive = evaluator(
-        emb, None, pairs=pairs, issame=issame, folds=np.repeat(np.arange(5), 4)
-    )
-    assert one_fold["accuracy"] == consecutive["accuracy"]
-    assert one_fold["accuracy_std"] == consecutive["accuracy_std"]
+    one_fold = evaluator(emb, None, pairs=pairs, issame=issame, folds=np.zeros(60, dtype=int))
+    explicit = evaluator(emb, None, pairs=pairs, issame=issame, folds=folds)
+    assert one_fold["accuracy"] == explicit["accuracy"] > 0.9

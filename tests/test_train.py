@@ -165,3 +165,18 @@ def test_training_augmentation_never_reaches_validation(make_cfg, data_root):
         draws.append(train_set[0][0])
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
     assert any(torch.equal(draws[0].flip(2), d) for d in draws[1:])
+
+
+def test_lfw_run_reports_the_pairs_protocol(make_cfg, data_root):
+    cfg = make_cfg(["dataset=lfw", "backbone=tv_resnet18", "image_size=32", "embed_dim=32",
+                    "max_training_steps=2", "batch_size=4", "tensorboard=false"])  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["lfw/n_genuine"] == 300 and metrics["lfw/n_impostor"] == 300
+    assert 0.0 <= metrics["lfw/accuracy"] <= 1.0 and metrics["lfw/accuracy_std"] >= 0.0
+    assert "lfw/accuracy" in pd.read_csv(tmp_path_of(cfg) / "verification.csv")
+
+
+def tmp_path_of(cfg):
+    from pathlib import Path
+
+    return Path(cfg.output_dir)

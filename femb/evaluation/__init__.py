@@ -5,7 +5,12 @@
 - :class:`VerificationEvaluator`: embeddings -> flat metrics dict, used by the trainer.
 """
 
-from femb.evaluation.evaluator import VerificationEvaluator, VerificationResult, far_key
+from femb.evaluation.evaluator import (
+    VerificationEvaluator,
+    VerificationResult,
+    far_key,
+    stratified_folds,
+)
 from femb.evaluation.metrics import (
     EqualErrorRate,
     GenuineImpostorScores,
@@ -60,5 +65,6 @@ __all__ = [
     "l2_similarity_matrix",
     "roc_auc",
     "roc_curve",
+    "stratified_folds",
     "tar_at_far",
 ]

@@ -58,6 +58,29 @@ class VerificationResult:
     cmc: np.ndarray | None = None
 
 
+def stratified_folds(issame: np.ndarray, n_folds: int) -> np.ndarray:
+    """Fold ids for cross-validating a pair list that is a single protocol fold.
+
+    LFW's ``pairs_fold1.txt`` (like each fold of ``pairs.txt``) lists its 300 matched pairs and
+    then its 300 mismatched ones, so consecutive sub-folds would each hold one class only. Here
+    each class is cut into ``n_folds`` consecutive blocks and block ``k`` of both classes forms
+    fold ``k``: every fold keeps the class balance, as every fold of ``pairs.txt`` does.
+
+    Args:
+        issame: (P,) bool.
+        n_folds: Number of folds.
+
+    Returns:
+        (P,) int64 fold ids in ``[0, n_folds)``.
+    """
+    issame = np.asarray(issame, dtype=bool)
+    folds = np.empty(issame.shape[0], dtype=np.int64)
+    for mask in (issame, ~issame):
+        count = int(mask.sum())
+        folds[mask] = np.arange(count) * n_folds // max(count, 1)
+    return folds
+
+
 class VerificationEvaluator:
     """Verification (and optional identification) metrics of face embeddings.
 
@@ -177,8 +200,8 @@ class VerificationEvaluator:
             labels: (N,) integer identity labels; required in all-pairs mode.
             pairs: (P, 2) integer indices into ``embeddings``.
             issame: (P,) bool, True for same-identity pairs.
-            folds: (P,) integer fold id per pair; default, or when all pairs share one fold:
-                ``n_folds`` consecutive folds.
+            folds: (P,) integer fold id per pair; default ``n_folds`` consecutive folds; when
+                all pairs share one fold, :func:`stratified_folds`.
 
         Raises:
             ValueError: For inconsistent shapes, out-of-range indices, NaN/inf embeddings, or
@@ -226,9 +249,7 @@ class VerificationEvaluator:
 
         split = GenuineImpostorScores.from_labels(scores, issame)
         if folds is not None and np.unique(folds).size < 2:
-            # One protocol fold (e.g. LFW's pairs_fold1.txt): cross-validate within it, as
-            # insightface does for its .bin sets, over n_folds consecutive folds.
-            folds = None
+            folds = stratified_folds(issame, self.n_folds)
         kfold = kfold_accuracy(scores, issame, folds=folds, n_folds=self.n_folds)
         metrics = self._verification_metrics(split)
         metrics["accuracy"] = kfold.mean
