@@ -655,7 +655,8 @@ def plot_rocs(sweep: Sweep, rocs: pd.DataFrame, valset: str, points: int = 200) 
             f"no ROC for valset {valset!r}; available: {sorted(rocs['valset'].unique())}"
         )
     positive = subset.loc[subset["fpr"] > 0, "fpr"]
-    low = max(float(positive.min()) if len(positive) else 1e-4, 1e-6)
+    # At least one decade on the axis, also when the runs have few impostor pairs.
+    low = min(max(float(positive.min()) if len(positive) else 1e-4, 1e-6), 0.1)
     grid = np.logspace(np.log10(low), 0.0, points)
     labels = group_labels(sweep)
     by_run = dict(zip(sweep.runs["run_dir"], labels, strict=True))

@@ -130,8 +130,29 @@ def check_config(cfg: DictConfig) -> None:
             "override to keep header.in_features=${backbone.embed_dim}"
         )
 
+    _check_loss_header(cfg, problems)
+
     if problems:
         raise ConfigError(problems)
+
+
+def _check_loss_header(cfg: DictConfig, problems: list[str]) -> None:
+    """A header that computes its own loss (Partial FC) would silently ignore ``loss``."""
+    target = _get(cfg, "header._target_")
+    if not isinstance(target, str) or not target.endswith("PartialFCHeader"):
+        return
+    loss_target = _get(cfg, "loss._target_")
+    smoothing = _get(cfg, "loss.label_smoothing") or 0.0
+    extra = {
+        key for key in (_get(cfg, "loss") or {}) if key not in ("_target_", "label_smoothing")
+    }
+    if loss_target != "torch.nn.CrossEntropyLoss" or smoothing != 0.0 or extra:
+        problems.append(
+            f"header={target.rsplit('.', 1)[-1]} computes its own softmax cross-entropy over "
+            f"the sharded classes, so loss={loss_target} with "
+            f"{ {k: _get(cfg, 'loss.' + k) for k in sorted(extra | {'label_smoothing'})} } "
+            "would be ignored; e.g. loss=cross_entropy loss.label_smoothing=0.0"
+        )
 
 
 def _check_optimizer(cfg: DictConfig, problems: list[str]) -> None:

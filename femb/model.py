@@ -21,7 +21,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from femb import distributed
+from femb.headers.partial_fc import full_optimizer_state, local_optimizer_state
 from femb.run_io import (
     RunWriter,
     carry_run_files,
@@ -319,7 +320,10 @@ class FaceEmbeddingModel(nn.Module):
         Multi-process runs: inside a ``torch.distributed`` process group (``torchrun``, see
         :mod:`femb.distributed`) the backbone and header are trained with
         ``DistributedDataParallel``, ``batch_size`` is per process, and only rank 0 evaluates
-        and writes files.
+        and writes files. A sharded header (:class:`~femb.headers.PartialFCHeader` built inside
+        the process group) is model parallel: DDP then wraps the backbone only, every rank
+        keeps its own slice of the class centres and of their optimizer state, checkpoints hold
+        all classes (gathered), and ``clip_grad_norm`` clips the norm over all ranks' shards.
 
         Args:
             train_dataset: Yields ``(image (3, H, W), label)``; ``num_classes`` must not exceed
@@ -449,6 +453,7 @@ class FaceEmbeddingModel(nn.Module):
             nonfinite,
             max_nonfinite_skips,
             where=where,
+            sharded=_sharded_parameters(self.header),
         )
         settings = {
             "batch_size": batch_size,
@@ -530,26 +535,27 @@ class FaceEmbeddingModel(nn.Module):
 
         def save(names: tuple[str, ...] = ("last",)) -> Path:
             nonlocal saved_at
-            # Collective: every rank's random state goes into rank 0's checkpoint.
+            # Collective: every rank's random state goes into rank 0's checkpoint, and a
+            # sharded header's centres and optimizer state are gathered from all ranks.
             rng = distributed.gather_objects(capture_rng_state())
+            training = {
+                "settings": {**settings, "seed": seed},
+                "samples_in_epoch": state.batches_in_epoch * batch_size * world,
+                "rng": rng,
+                "rows": [dict(row) for row in writer.rows],
+                "fit_state": state.state_dict(),
+                "nonfinite": stepper.state_dict(),
+            }
+            checkpoint_dict = self.checkpoint_state(
+                optimizer,
+                lr_epoch_scheduler,
+                lr_global_step_scheduler,
+                config,
+                state.final_metrics,
+                grad_scaler=scaler,
+                resume=training,
+            )
             if main:
-                training = {
-                    "settings": {**settings, "seed": seed},
-                    "samples_in_epoch": state.batches_in_epoch * batch_size * world,
-                    "rng": rng,
-                    "rows": [dict(row) for row in writer.rows],
-                    "fit_state": state.state_dict(),
-                    "nonfinite": stepper.state_dict(),
-                }
-                checkpoint_dict = self.checkpoint_state(
-                    optimizer,
-                    lr_epoch_scheduler,
-                    lr_global_step_scheduler,
-                    config,
-                    state.final_metrics,
-                    grad_scaler=scaler,
-                    resume=training,
-                )
                 for name in names:
                     writer.save_checkpoint(checkpoint_dict, name)
             distributed.barrier()
@@ -694,6 +700,9 @@ class FaceEmbeddingModel(nn.Module):
     ) -> dict[str, Any]:
         """Everything needed to rebuild the model and continue training.
 
+        With a sharded header (Partial FC in a multi-process run) this is a collective: call it
+        on every rank; the returned header weights and their optimizer states hold all classes.
+
         Args:
             optimizer: Its state is stored when given.
             lr_epoch_scheduler: Its state is stored when given.
@@ -710,10 +719,14 @@ class FaceEmbeddingModel(nn.Module):
             ``epoch``, ``metrics``, ``config`` (the resolved Hydra config as a plain dict, or
             None when trained from plain Python) and ``resume`` (None outside ``fit``).
         """
+        full_state = getattr(self.header, "full_state_dict", None)
+        sharded = bool(_sharded_parameters(self.header))
         return {
             "backbone": self.backbone.state_dict(),
-            "header": self.header.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "header": full_state() if sharded else self.header.state_dict(),
+            "optimizer": (
+                full_optimizer_state(optimizer, self.header) if optimizer is not None else None
+            ),
             "schedulers": {
                 "epoch": lr_epoch_scheduler.state_dict() if lr_epoch_scheduler else None,
                 "global_step": (
@@ -753,14 +766,23 @@ class FaceEmbeddingModel(nn.Module):
         self.to(device)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        embed = torch.compile(self.backbone) if compile else self.backbone
-        objective: nn.Module = _Objective(self, embed, device, precision)
-        if distributed.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        if distributed.world_size() == 1:
+            embed = torch.compile(self.backbone) if compile else self.backbone
+            return _Objective(self, embed, device, precision)
 
-            device_ids = [device.index] if device.type == "cuda" else None
-            objective = DistributedDataParallel(objective, device_ids=device_ids)
-        return objective
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        if not _sharded_parameters(self.header):
+            embed = torch.compile(self.backbone) if compile else self.backbone
+            return DistributedDataParallel(
+                _Objective(self, embed, device, precision), device_ids=device_ids
+            )
+        # Model parallel header: its centres differ per rank, so DDP must not average their
+        # gradients; it wraps the backbone only (the header scales the embedding gradients so
+        # that DDP's average is the exact gradient of the global loss).
+        embed = DistributedDataParallel(self.backbone, device_ids=device_ids)
+        return _Objective(self, torch.compile(embed) if compile else embed, device, precision)
 
     def _restore_training(
         self,
@@ -790,7 +812,9 @@ class FaceEmbeddingModel(nn.Module):
             ) from err
         if checkpoint.get("optimizer") is not None:
             try:
-                optimizer.load_state_dict(checkpoint["optimizer"])
+                optimizer.load_state_dict(
+                    local_optimizer_state(checkpoint["optimizer"], optimizer, self.header)
+                )
             except (ValueError, KeyError) as err:
                 raise ValueError(
                     "the checkpoint's optimizer state does not fit this optimizer (other "
@@ -1024,8 +1048,9 @@ class _Objective(nn.Module):
 
     ``fit`` trains through this module so that a single ``DistributedDataParallel`` wraps both
     the backbone and the header: the gradients of both are all-reduced and the buffers of both
-    broadcast from rank 0. Autocast covers the backbone only; the headers compute their margin
-    math in float32 and the loss sees float32 logits.
+    broadcast from rank 0 (with a sharded header, ``embed`` is the DDP-wrapped backbone
+    instead). Autocast covers the backbone only; the headers compute their margin math in
+    float32 and the loss sees float32 logits.
     """
 
     def __init__(
@@ -1073,7 +1098,9 @@ class _Stepper:
         nonfinite: str,
         max_nonfinite_skips: int,
         where: Callable[[], str],
+        sharded: Iterable[nn.Parameter] = (),
     ) -> None:
+        """``sharded``: parameters split over the ranks (a model-parallel header)."""
         self.objective = objective
         self.optimizer = optimizer
         self.scaler = scaler
@@ -1084,6 +1111,7 @@ class _Stepper:
         self.consecutive_skips = 0
         self.total_skips = 0
         self.grad_norm: float | None = None
+        self.sharded = list(sharded)
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, stop_requested: Callable[[], bool]
@@ -1101,14 +1129,38 @@ class _Stepper:
         self.scaler.scale(loss).backward()
         if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not scaled ones
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-            self.grad_norm = float(norm)
+            self.grad_norm = self._clip()
+        # Under fp16 every rank's GradScaler reaches the same skip decision also with a sharded
+        # header: the backbone's gradients are all-reduced (an overflow reaches every rank),
+        # the centres and their gradients are float32 (the loss scale that float16 backbone
+        # gradients tolerate is far inside float32's range), and a non-finite loss was caught
+        # above on all ranks at once.
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # A signal that arrived during this step stops after it; in a multi-process run the
         # ranks can only agree at the next step's all-reduce.
         return _StepResult(mean_loss, parts, skipped=False, stop=stop or _alone(stop_requested))
+
+    def _clip(self) -> float:
+        """Clip all gradients to a total norm of ``clip_grad_norm``; return the norm before.
+
+        Sharded parameters (Partial FC's centres) hold different rows on every rank, so their
+        squared norms are summed over the ranks; the replicated parameters (all-reduced by
+        DDP) count once. The norm is that of the single-process gradient.
+        """
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        sharded_ids = {id(p) for p in self.sharded}
+        if not sharded_ids:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
+        sharded = [p.grad for p in params if p.grad is not None and id(p) in sharded_ids]
+        replicated = [p.grad for p in params if p.grad is not None and id(p) not in sharded_ids]
+        sharded_sq = torch.nn.utils.get_total_norm(sharded).float().square()
+        total = torch.sqrt(
+            torch.nn.utils.get_total_norm(replicated).float().square()
+            + distributed.all_reduce_sum(sharded_sq)
+        )
+        torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, total)
+        return float(total)
 
     def scalars(self) -> dict[str, float]:
         """Diagnostics for the progress log: grad norm, fp16 loss scale, skipped batches."""
@@ -1271,6 +1323,12 @@ class _FitState:
             self.best_key, self.best_value = key, value
             return True
         return False
+
+
+def _sharded_parameters(header: nn.Module) -> list[nn.Parameter]:
+    """The header's parameters that are split over the ranks (Partial FC in a DDP run)."""
+    sharded = getattr(header, "sharded_parameters", None)
+    return list(sharded()) if sharded is not None else []
 
 
 def _as_val_sets(val_dataset: Dataset | Mapping[str, Dataset] | None) -> dict[str, Dataset]:

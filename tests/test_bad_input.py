@@ -64,6 +64,15 @@ def test_impossible_values_fail_fast_with_key_value_and_fix(tmp_path, override, 
     assert "e.g." in str(err.value)  # every problem says what a valid value looks like
 
 
+@pytest.mark.parametrize("override", ["loss.label_smoothing=0.1", "+loss.weight=[1.0]"])
+def test_partial_fc_with_a_loss_it_would_ignore(tmp_path, override):
+    cfg = compose_train(["header=partial_fc", override], tmp_path)
+    with pytest.raises(ConfigError, match="PartialFCHeader computes its own softmax") as err:
+        check_config(cfg)
+    assert "e.g. loss=cross_entropy loss.label_smoothing=0.0" in str(err.value)
+    check_config(compose_train(["header=partial_fc"], tmp_path))
+
+
 def test_both_stop_criteria_zero(tmp_path):
     cfg = compose_train(["max_training_steps=0", "max_epochs=0"], tmp_path)
     with pytest.raises(ConfigError, match="training would never stop"):

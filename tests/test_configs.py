@@ -37,7 +37,13 @@ def test_backbone_options(tmp_path, name):
 def test_header_options(tmp_path, name):
     cfg = compose_train([f"header={name}", "embed_dim=16"], tmp_path)
     header = instantiate(cfg.header, out_features=5)
-    logits = header(torch.randn(4, 16), torch.tensor([0, 1, 2, 3]))
+    embeddings, labels = torch.randn(4, 16), torch.tensor([0, 1, 2, 3])
+    if getattr(header, "returns_loss", False):  # Partial FC: the loss, logits without labels
+        loss = header(embeddings, labels)
+        assert loss.shape == () and torch.isfinite(loss)
+        logits = header(embeddings)
+    else:
+        logits = header(embeddings, labels)
     assert logits.shape == (4, 5) and torch.isfinite(logits).all()
 
 

@@ -11,10 +11,12 @@ LayerNorm. What remains is float summation order: weights agree to ~1e-6, not bi
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -26,7 +28,7 @@ from femb import FaceEmbeddingModel
 from femb.data import SyntheticFaceDataset
 from femb.distributed import EpochSampler, distributed_from_env
 from femb.evaluation import VerificationEvaluator
-from femb.headers import ArcFaceHeader
+from femb.headers import ArcFaceHeader, PartialFCHeader
 
 from .conftest import REPO
 
@@ -48,7 +50,16 @@ class NoBatchStatsBackbone(nn.Module):
         return self.net(x)
 
 
-def run(out_dir: Path, batch_size: int) -> FaceEmbeddingModel:
+def run(
+    out_dir: Path,
+    batch_size: int,
+    header: str = "arcface",
+    steps: int = STEPS,
+    **options: Any,
+) -> FaceEmbeddingModel:
+    """8 steps on 8 synthetic identities; ``header="partial_fc"``: Partial FC (ArcFace margin,
+    sharded when run inside a process group), its centres seeded independently of the
+    sharding."""
     train_set = SyntheticFaceDataset(
         num_identities=8, images_per_identity=3, image_size=SIZE, split="train", seed=0
     )
@@ -56,11 +67,13 @@ def run(out_dir: Path, batch_size: int) -> FaceEmbeddingModel:
         num_identities=3, images_per_identity=3, image_size=SIZE, split="val", seed=0
     )
     torch.manual_seed(1)
-    model = FaceEmbeddingModel(
-        backbone=NoBatchStatsBackbone(),
-        header=ArcFaceHeader(in_features=8, out_features=train_set.num_classes),
-        loss=nn.CrossEntropyLoss(),
-    )
+    backbone = NoBatchStatsBackbone()
+    num_classes = train_set.num_classes
+    if header == "partial_fc":
+        head = PartialFCHeader(8, num_classes, margin="arcface", s=16.0, m=0.5, seed=11)
+    else:
+        head = ArcFaceHeader(in_features=8, out_features=num_classes)
+    model = FaceEmbeddingModel(backbone=backbone, header=head, loss=nn.CrossEntropyLoss())
     optimizer = torch.optim.SGD(model.params, lr=0.05, momentum=0.9, weight_decay=5e-4)
     model.fit(
         train_dataset=train_set,
@@ -71,10 +84,11 @@ def run(out_dir: Path, batch_size: int) -> FaceEmbeddingModel:
         evaluator=VerificationEvaluator(),
         val_dataset=val_set,
         evaluation_steps=3,
-        max_training_steps=STEPS,
+        max_training_steps=steps,
         out_dir=out_dir,
         progress=False,
         seed=3,
+        **options,
     )
     return model
 
@@ -85,7 +99,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ddp_worker(rank: int, world: int, port: int, root: str) -> None:
+def set_rank_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives a rank, on the loopback interface; one thread each."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -94,6 +109,10 @@ def ddp_worker(rank: int, world: int, port: int, root: str) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def ddp_worker(rank: int, world: int, port: int, root: str) -> None:
+    set_rank_env(rank, world, port)
     with distributed_from_env("cpu"):
         # Each rank names its own run directory; rank 0's must win on every rank.
         model = run(Path(root) / f"run_rank{rank}", batch_size=2)
@@ -121,6 +140,61 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path):
     assert len(state["resume"]["rng"]) == 2  # both ranks' random states, for resuming
 
 
+def assert_same_run(run_dir: Path, reference_dir: Path, rtol: float = 1e-5) -> None:
+    """Same final weights (the full centre matrix), optimizer state and CSV rows."""
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    reference = torch.load(reference_dir / "checkpoints" / "last.pt", weights_only=True)
+    for part in ("backbone", "header"):
+        for name, tensor in reference[part].items():
+            torch.testing.assert_close(state[part][name], tensor, rtol=rtol, atol=1e-6)
+    for index, slots in reference["optimizer"]["state"].items():
+        for key, value in slots.items():
+            torch.testing.assert_close(
+                state["optimizer"]["state"][index][key], value, rtol=rtol, atol=1e-6
+            )
+    rows = pd.read_csv(run_dir / "verification.csv")
+    reference_rows = pd.read_csv(reference_dir / "verification.csv")
+    assert rows["step"].tolist() == reference_rows["step"].tolist() == [3, 6, 8]
+    for column in ("train_loss", "lr", "val/eer", "val/auc"):
+        assert rows[column].tolist() == pytest.approx(reference_rows[column].tolist(), rel=rtol)
+
+
+CLIP = 0.05  # below the gradient norm of every step here, so clipping is active
+
+
+def partial_fc_worker(rank: int, world: int, port: int, root: str) -> None:
+    set_rank_env(rank, world, port)
+    root_dir = Path(root)
+    with distributed_from_env("cpu"):
+        run(root_dir / "full", 2, "partial_fc", clip_grad_norm=CLIP)
+        run(root_dir / "resumed", 2, "partial_fc", steps=6, clip_grad_norm=CLIP)
+        if rank == 0:
+            shutil.copy(root_dir / "resumed" / "checkpoints" / "last.pt", root_dir / "step6.pt")
+        torch.distributed.barrier()
+        run(root_dir / "resumed", 2, "partial_fc", clip_grad_norm=CLIP, resume_from="auto")
+
+
+def test_partial_fc_on_two_ranks_trains_resumes_and_clips_like_one_process(tmp_path):
+    """Partial FC in fit: DDP over the backbone only, class centres sharded, the gradient norm
+    taken over both shards, checkpoints with all centres and their momentum, and resume on the
+    same or another world size: all equal to one process with the global batch."""
+    mp.spawn(partial_fc_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = tmp_path / "single"
+    model = run(single, 4, "partial_fc", clip_grad_norm=CLIP)
+    assert model.header.world_size == 1
+
+    state = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["header"]["weight"].shape == (8, 8)  # all 8 classes, gathered from 2 shards
+    momentum = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert (8, 8) in [tuple(m.shape) for m in momentum]
+    assert_same_run(tmp_path / "full", single)
+    assert_same_run(tmp_path / "resumed", single)  # stopped at 6 on 2 ranks, resumed on 2
+
+    # The 2-rank checkpoint of step 6 continues in one process (world size 2 -> 1).
+    run(tmp_path / "one", 4, "partial_fc", clip_grad_norm=CLIP, resume_from=tmp_path / "step6.pt")
+    assert_same_run(tmp_path / "one", single)
+
+
 def test_global_batches_do_not_depend_on_the_world_size():
     def global_batches(world: int, batch: int) -> list[set[int]]:
         per_rank = []
@@ -136,7 +210,8 @@ def test_global_batches_do_not_depend_on_the_world_size():
     assert global_batches(2, 3) == one == global_batches(3, 2)
 
 
-def test_torchrun_runs_the_script_with_two_processes(tmp_path):
+@pytest.mark.parametrize("header", [[], ["header=partial_fc", "clip_grad_norm=5.0"]])
+def test_torchrun_runs_the_script_with_two_processes(tmp_path, header):
     run_dir = tmp_path / "run"
     command = [
         sys.executable,
@@ -154,6 +229,7 @@ def test_torchrun_runs_the_script_with_two_processes(tmp_path):
         "tensorboard=false",
         "progress=false",
         f"hydra.run.dir={run_dir}",
+        *header,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=300)
@@ -164,3 +240,10 @@ def test_torchrun_runs_the_script_with_two_processes(tmp_path):
     assert pd.read_csv(run_dir / "verification.csv")["step"].tolist() == [2]
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["global_step"] == 2 and state["resume"]["settings"]["world_size"] == 2
+    if header:  # Partial FC: the checkpoint holds every class, and loads in one process
+        from femb.train import load_model
+
+        assert "PartialFCHeader rank 1/2" not in log  # rank 1's INFO lines are dropped
+        model = load_model(run_dir)
+        assert model.header.world_size == 1
+        assert model.header.weight.shape[0] == state["num_classes"]

@@ -463,29 +463,53 @@ def test_every_parameter_gets_a_gradient(name: str) -> None:
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16_input", "bf16_module"])
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "fp32",
+        "bf16_input",
+        "bf16_module",
+        "fp16_input",
+        "fp16_module",
+        pytest.param("fp16_input_cuda", marks=NEEDS_CUDA),
+        pytest.param("fp16_autocast_cuda", marks=NEEDS_CUDA),
+    ],
+)
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_finite_at_cos_plus_minus_one(name: str, mode: str) -> None:
-    """Embeddings equal to +-weight rows: cos(theta_y) = +-1 exactly; logits and grads finite."""
+    """Embeddings equal to +-weight rows: cos(theta_y) = +-1 exactly; logits and grads finite.
+
+    fp16 runs on the CPU here: float16 tensors follow IEEE binary16 on every device, so this
+    checks the headers' handling of the dtype (promotion to float32 before the margin math,
+    where s * cos and exp(s * cos) would overflow float16's 65504); the ``_cuda`` modes run
+    the same check through the CUDA kernels, and under fp16 autocast, when a GPU is present."""
     torch.manual_seed(0)
-    header = make(name, 8, 4)
+    dim = 16  # >= 4 classes x 3 sub-centres, so that every target row is a basis vector
+    header = make(name, dim, 4)
     k = getattr(header, "num_subcenters", 1)
     # Weights exactly representable in bfloat16, so that the cosines stay exactly +-1 there too.
     with torch.no_grad():
         header.weight.copy_(torch.randn_like(header.weight).to(torch.bfloat16).float())
-        header.weight[: 4 * k].copy_(torch.eye(4 * k, 8) * 3)
+        header.weight[: 4 * k].copy_(torch.eye(4 * k, dim) * 3)
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     rows = header.weight.detach()[y * k]
     sign = torch.tensor([1.0, 1, 1, 1, -1, -1, -1, -1])[:, None]
-    rand_rows = torch.randn(8, 8).to(torch.bfloat16).float()
+    rand_rows = torch.randn(8, dim).to(torch.bfloat16).float()
     x = torch.cat([sign * rows * 2.0, rand_rows])  # exact basis vectors + generic vectors
     y = torch.cat([y, torch.arange(8) % 4])
-    if mode == "bf16_module":
-        header = header.to(torch.bfloat16)
-    if mode != "fp32":
-        x = x.to(torch.bfloat16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode[:4])
+    device = "cuda" if mode.endswith("_cuda") else "cpu"
+    header, x, y = header.to(device), x.to(device), y.to(device)
+    if "_module" in mode:
+        header = header.to(dtype)
+    if "_input" in mode:
+        x = x.to(dtype)
     x.requires_grad_()
-    out = header(x, y)
+    with torch.autocast(device, dtype=dtype or torch.float32, enabled="_autocast" in mode):
+        out = header(x, y)
     assert out.dtype == torch.float32
     loss = F.cross_entropy(out, y) + sum(header.extra_losses.values())
     loss.backward()
@@ -497,10 +521,11 @@ def test_finite_at_cos_plus_minus_one(name: str, mode: str) -> None:
         assert all(math.isfinite(v) for v in header.stats().values())
 
 
-def test_float32_logits_under_autocast() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_logits_under_autocast(dtype: torch.dtype) -> None:
     header = ArcFaceHeader(8, 4)
     x = torch.randn(3, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = header(x, torch.tensor([0, 1, 2]))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, header(x, torch.tensor([0, 1, 2])))

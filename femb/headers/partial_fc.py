@@ -414,15 +414,63 @@ class PartialFCHeader(Header):
 
     # ------------------------------------------------------------------ checkpoints
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the class centres are split over several ranks (world size > 1)."""
+        return self.world_size > 1
+
+    def sharded_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose rows are split over the ranks (``weight``), for the trainer."""
+        return [self.weight] if self.sharded else []
+
     @torch.no_grad()
-    def gather_weight(self) -> Tensor:
-        """All class centres (C, D) on every rank (collective: call it on all ranks)."""
+    def gather_rows(self, local: Tensor) -> Tensor:
+        """(C_r, ...) rows of this rank -> (C, ...) rows of all ranks, on every rank.
+
+        Collective (call it on all ranks). Used for the centres and for optimizer states of
+        the same shape (momentum, Adam moments), so that checkpoints hold all C classes.
+        """
+        if local.shape[0] != self.num_local:
+            raise ValueError(f"expected {self.num_local} rows (C_r), got {local.shape[0]}")
         if self.world_size == 1:
-            return self.weight.detach().clone()
+            return local.detach().clone()
         sizes = [
             shard_range(self.out_features, r, self.world_size)[1] for r in range(self.world_size)
         ]
-        return _all_gather_rows(self.weight.detach(), sizes, self.process_group)
+        return _all_gather_rows(local.detach().contiguous(), sizes, self.process_group)
+
+    def local_rows(self, full: Tensor) -> Tensor:
+        """(C, ...) rows of all classes -> (C_r, ...) rows of this rank (a view)."""
+        if full.shape[0] != self.out_features:
+            raise ValueError(f"expected {self.out_features} rows (C), got {full.shape[0]}")
+        return full[self.class_start : self.class_start + self.num_local]
+
+    def gather_weight(self) -> Tensor:
+        """All class centres (C, D) on every rank (collective: call it on all ranks)."""
+        return self.gather_rows(self.weight)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """``state_dict()`` with the (C, D) centres of all ranks (collective).
+
+        Such a state dict loads into a Partial FC header of any world size (each rank keeps
+        its rows, see ``load_state_dict``), and in one process for inference.
+        """
+        state = self.state_dict()
+        state["weight"] = self.gather_weight()
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A full (C, D) centre matrix (a checkpoint of any world size) loads as this rank's
+        # rows; a (C_r, D) shard of the same world size loads as it is.
+        key = prefix + "weight"
+        weight = state_dict.get(key)
+        if (
+            isinstance(weight, Tensor)
+            and self.sharded
+            and tuple(weight.shape) == (self.out_features, self.in_features)
+        ):
+            state_dict[key] = self.local_rows(weight)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def load_full_weight(self, weight: Tensor) -> None:
@@ -443,4 +491,62 @@ class PartialFCHeader(Header):
         )
 
 
-__all__ = ["PartialFCHeader", "shard_range"]
+def _sharded_slots(optimizer: torch.optim.Optimizer, header: nn.Module) -> dict[int, Tensor]:
+    """Index in ``optimizer.state_dict()["state"]`` -> parameter, for the sharded ones."""
+    sharded_parameters = getattr(header, "sharded_parameters", None)
+    sharded = {id(p) for p in (sharded_parameters() if sharded_parameters else [])}
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: p for i, p in enumerate(flat) if id(p) in sharded}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, header: nn.Module) -> dict:
+    """``optimizer.state_dict()`` with the states of a sharded header gathered to all C rows.
+
+    Per-parameter tensors shaped like a sharded parameter (SGD's momentum, Adam's moments) are
+    all-gathered, so a checkpoint holds the optimizer state of every class and resumes on any
+    world size (:func:`local_optimizer_state`). Collective when ``header`` is sharded: call it
+    on all ranks. The optimizer's own state is not modified.
+    """
+    state = optimizer.state_dict()
+    slots = _sharded_slots(optimizer, header)
+    if not slots:
+        return state
+    per_param = dict(state["state"])
+    for index in sorted(slots):  # the same collectives in the same order on every rank
+        entry = per_param.get(index)
+        if entry is None:
+            continue  # not stepped yet, on any rank
+        shape = slots[index].shape
+        per_param[index] = {
+            key: header.gather_rows(value)
+            if isinstance(value, Tensor) and value.shape == shape
+            else value
+            for key, value in entry.items()
+        }
+    return {**state, "state": per_param}
+
+
+def local_optimizer_state(
+    state: dict, optimizer: torch.optim.Optimizer, header: nn.Module
+) -> dict:
+    """The inverse of :func:`full_optimizer_state`: this rank's rows of a sharded header's
+    optimizer states, ready for ``optimizer.load_state_dict``."""
+    slots = _sharded_slots(optimizer, header)
+    if not slots:
+        return state
+    per_param = dict(state["state"])
+    for index, param in slots.items():
+        full_shape = (header.out_features, *param.shape[1:])
+        entry = per_param.get(index)
+        if entry is None:
+            continue
+        per_param[index] = {
+            key: header.local_rows(value)
+            if isinstance(value, Tensor) and tuple(value.shape) == full_shape
+            else value
+            for key, value in entry.items()
+        }
+    return {**state, "state": per_param}
+
+
+__all__ = ["PartialFCHeader", "full_optimizer_state", "local_optimizer_state", "shard_range"]
