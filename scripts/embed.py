@@ -14,9 +14,9 @@ pyarrow). Read it back with ``femb.inference.load_embeddings``.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from femb.cli import add_device, add_flip, add_quiet, run_tool, setup_logging
 from femb.inference import check_embeddings_path, embed_folder, load_run, save_embeddings
 
 
@@ -28,49 +28,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="output file, .npz or .parquet")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="flip test (default: as the run was evaluated, its flip_test)",
-    )
+    add_device(parser)
+    add_flip(parser)
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
     parser.add_argument(
         "--skip-unreadable",
         action="store_true",
         help="leave out files that cannot be decoded instead of stopping",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    add_quiet(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # femb's progress at INFO; other libraries (the ONNX exporters are chatty) at WARNING.
-    logging.basicConfig(
-        level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+    setup_logging(args.quiet)
+    return run_tool(lambda: embed(args))
+
+
+def embed(args: argparse.Namespace) -> int:
+    check_embeddings_path(args.out)  # a bad output path fails before any image is read
+    run = load_run(args.run)
+    result = embed_folder(
+        run,
+        args.images,
+        batch_size=args.batch_size,
+        device=args.device,
+        flip=args.flip,
+        num_workers=args.num_workers,
+        progress=not args.quiet,
+        skip_unreadable=args.skip_unreadable,
     )
-    logging.getLogger("femb").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        check_embeddings_path(args.out)
-        run = load_run(args.run)
-        result = embed_folder(
-            run,
-            args.images,
-            batch_size=args.batch_size,
-            device=args.device,
-            flip=args.flip,
-            num_workers=args.num_workers,
-            progress=not args.quiet,
-            skip_unreadable=args.skip_unreadable,
-        )
-        path = save_embeddings(args.out, result)
-    except (OSError, ValueError, NotImplementedError, ModuleNotFoundError) as err:
-        # User errors only (OSError: missing files, unreadable images; ModuleNotFoundError:
-        # no pyarrow for .parquet); anything else is a bug and keeps its traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    path = save_embeddings(args.out, result)
     n, dim = result.embeddings.shape
     skipped = f", {len(result.skipped)} unreadable left out" if result.skipped else ""
     print(f"wrote {n} embeddings of dimension {dim} from {args.images} to {path}{skipped}")

@@ -12,48 +12,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 
+from femb.cli import add_device, add_flip, add_json, add_quiet, run_tool, setup_logging
 from femb.inference import evaluate_run, load_run
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a trained femb run on its val sets.")
     parser.add_argument("run", help="run directory or .pt checkpoint")
-    parser.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="flip test (default: as the run was evaluated, its flip_test)",
-    )
+    add_flip(parser)
     parser.add_argument("--data-root", help="where the validation data lives now, if it moved")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--json", action="store_true", help="print a JSON object")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    add_json(parser)
+    add_quiet(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+    setup_logging(args.quiet)
+    return run_tool(lambda: evaluate(args))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    run = load_run(args.run)
+    metrics = evaluate_run(
+        run,
+        flip=args.flip,
+        batch_size=args.batch_size,
+        device=args.device,
+        data_root=args.data_root,
     )
-    logging.getLogger("femb").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        run = load_run(args.run)
-        metrics = evaluate_run(
-            run,
-            flip=args.flip,
-            batch_size=args.batch_size,
-            device=args.device,
-            data_root=args.data_root,
-        )
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     if args.json:
         clean = {k: (None if math.isnan(v) else v) for k, v in metrics.items()}
         print(json.dumps(clean))

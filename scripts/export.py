@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from femb.cli import USER_ERRORS, add_flip, add_json, add_quiet, run_tool, setup_logging
 from femb.inference import (
     EXPORT_FORMATS,
     ONNX_EXPORTERS,
@@ -47,14 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--exporter", default="dynamo", choices=ONNX_EXPORTERS, help="ONNX exporter"
     )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: torch's choice)")
-    parser.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bake flip test into the graph (default: the run's flip_test)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    add_flip(parser, help="bake flip test into the graph (default: the run's flip_test)")
+    add_json(parser, help="print the report as JSON")
+    add_quiet(parser)
     return parser
 
 
@@ -70,28 +65,18 @@ def default_out(checkpoint: Path, fmt: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # femb's progress at INFO; other libraries (the ONNX exporters are chatty) at WARNING.
-    logging.basicConfig(
-        level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+    setup_logging(args.quiet)
+    # A failed parity check is reported like a user error; anything else is a bug (of femb or
+    # of the exporter) and keeps its traceback.
+    return run_tool(lambda: export(args), errors=(*USER_ERRORS, ExportParityError))
+
+
+def export(args: argparse.Namespace) -> int:
+    run = load_run(args.run)
+    out = Path(args.out) if args.out else default_out(run.checkpoint, args.format)
+    report = export_model(
+        run, out, args.format, exporter=args.exporter, opset=args.opset, flip=args.flip
     )
-    logging.getLogger("femb").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        run = load_run(args.run)
-        out = Path(args.out) if args.out else default_out(run.checkpoint, args.format)
-        report = export_model(
-            run, out, args.format, exporter=args.exporter, opset=args.opset, flip=args.flip
-        )
-    except (
-        OSError,
-        ValueError,
-        NotImplementedError,
-        ModuleNotFoundError,
-        ExportParityError,
-    ) as err:
-        # User errors, missing export packages and a failed parity check; anything else is a
-        # bug (of femb or of the exporter) and keeps its traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     if args.json:
         print(json.dumps({**asdict(report), "path": str(report.path)}))
     else:

@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from femb.cli import run_tool, setup_logging
 from femb.data import IdentityFolderDataset
 from femb.data.base import load_image
 from femb.data.recordio import write_property, write_recordio
@@ -82,10 +83,7 @@ def passed_through(path: str, sizes: Counter) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
-    )
-    logging.getLogger("femb").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    setup_logging(args.quiet)
     if not 1 <= args.quality <= 100:
         print(f"error: --quality must be in 1..100, got {args.quality}", file=sys.stderr)
         return 2
@@ -96,35 +94,34 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --pass-through stores files unchanged; drop --image-size", file=sys.stderr)
         return 2
 
-    try:
-        folder = IdentityFolderDataset(args.in_dir)
-        sizes: Counter = Counter()
+    # User errors (missing folder, unreadable image, bad layout) exit 1 with the message.
+    return run_tool(lambda: convert(args), errors=(OSError, ValueError))
 
-        def samples() -> Iterator[tuple[bytes, int]]:
-            items = zip(folder.paths, folder.labels.tolist(), strict=True)
-            for path, label in tqdm(
-                items, total=len(folder), desc="folder_to_rec", unit="img", disable=args.quiet
-            ):
-                if args.pass_through:
-                    yield passed_through(path, sizes), label
-                else:
-                    yield encode(path, args.quality, args.image_size, sizes), label
 
-        summary = write_recordio(args.out_prefix, samples())
-        (height, width), count = sizes.most_common(1)[0]
-        if count != summary.num_images:
-            log.warning(
-                "images have %d different sizes; property records the most common, %dx%d",
-                len(sizes),
-                height,
-                width,
-            )
-        prop = write_property(summary.rec_path.parent, summary.num_classes, height, width)
-    except (OSError, ValueError) as err:
-        # User errors (missing folder, unreadable image, bad layout); anything else is a bug
-        # and keeps its traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def convert(args: argparse.Namespace) -> int:
+    folder = IdentityFolderDataset(args.in_dir)
+    sizes: Counter = Counter()
+
+    def samples() -> Iterator[tuple[bytes, int]]:
+        items = zip(folder.paths, folder.labels.tolist(), strict=True)
+        for path, label in tqdm(
+            items, total=len(folder), desc="folder_to_rec", unit="img", disable=args.quiet
+        ):
+            if args.pass_through:
+                yield passed_through(path, sizes), label
+            else:
+                yield encode(path, args.quality, args.image_size, sizes), label
+
+    summary = write_recordio(args.out_prefix, samples())
+    (height, width), count = sizes.most_common(1)[0]
+    if count != summary.num_images:
+        log.warning(
+            "images have %d different sizes; property records the most common, %dx%d",
+            len(sizes),
+            height,
+            width,
+        )
+    prop = write_property(summary.rec_path.parent, summary.num_classes, height, width)
     print(
         f"wrote {summary.num_images} images of {summary.num_classes} identities to "
         f"{summary.rec_path}, {summary.idx_path.name} and {prop.name}"

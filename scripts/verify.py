@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from femb.cli import add_device, add_flip, add_json, add_quiet, run_tool, setup_logging
 from femb.data import load_image
 from femb.inference import compare_images, load_run, stored_eer_threshold, threshold_at_far
 
@@ -47,55 +47,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-root", help="where the validation data lives now, if it moved (--far only)"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device(parser)
     parser.add_argument(
         "--batch-size", type=int, default=64, help="batch size for encoding the validation set"
     )
-    parser.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="flip test (default: as the run was evaluated, its flip_test)",
-    )
-    parser.add_argument("--json", action="store_true", help="print a JSON object")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    add_flip(parser)
+    add_json(parser)
+    add_quiet(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # femb's progress at INFO; other libraries (the ONNX exporters are chatty) at WARNING.
-    logging.basicConfig(
-        level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
-    )
-    logging.getLogger("femb").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        # Fail on a bad image before the (slower) model load and validation-set encoding.
-        for image in (args.image_a, args.image_b):
-            load_image(image)
-        run = load_run(args.run)
-        if args.far is not None:
-            threshold = threshold_at_far(
-                run,
-                args.far,
-                valset=args.valset,
-                batch_size=args.batch_size,
-                device=args.device,
-                flip=args.flip,
-                data_root=args.data_root,
-            )
-        elif args.threshold is not None:
-            threshold = args.threshold
-        else:
-            threshold = stored_eer_threshold(run, args.valset)
-        result = compare_images(
-            run, args.image_a, args.image_b, threshold, device=args.device, flip=args.flip
+    setup_logging(args.quiet)
+    return run_tool(lambda: verify(args))
+
+
+def verify(args: argparse.Namespace) -> int:
+    # Fail on a bad image before the (slower) model load and validation-set encoding.
+    for image in (args.image_a, args.image_b):
+        load_image(image)
+    run = load_run(args.run)
+    if args.far is not None:
+        threshold = threshold_at_far(
+            run,
+            args.far,
+            valset=args.valset,
+            batch_size=args.batch_size,
+            device=args.device,
+            flip=args.flip,
+            data_root=args.data_root,
         )
-    except (OSError, ValueError, NotImplementedError) as err:
-        # User errors only (OSError: missing files, unreadable images); anything else is a
-        # bug and keeps its traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    elif args.threshold is not None:
+        threshold = args.threshold
+    else:
+        threshold = stored_eer_threshold(run, args.valset)
+    result = compare_images(
+        run, args.image_a, args.image_b, threshold, device=args.device, flip=args.flip
+    )
     print(json.dumps(result.to_dict(), allow_nan=False) if args.json else result.summary())
     return 0
 

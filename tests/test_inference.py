@@ -73,6 +73,7 @@ def _load_script(name: str) -> Any:
 embed_cli = _load_script("embed")
 verify_cli = _load_script("verify")
 export_cli = _load_script("export")
+evaluate_cli = _load_script("evaluate")
 
 
 @pytest.fixture(autouse=True)
@@ -280,6 +281,25 @@ def test_verify_errors_exit_nonzero_with_a_message(trained, val_set, tmp_path, c
     assert rc == 1 and "cannot read image" in err
     rc, _, err = _verify([str(tmp_path / "no_run"), good, good], capsys)
     assert rc == 1 and "no run directory or checkpoint" in err
+
+
+def test_evaluate_reproduces_the_training_evaluation(trained, capsys):
+    """scripts/evaluate.py rebuilds the validation set from the checkpoint and scores it as
+    training did; --flip scores the same model with flip test; errors exit 1."""
+    argv = [str(trained.run), "-q", "--device", "cpu", "--batch-size", "8"]  # as in training
+    assert evaluate_cli.main([*argv, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    # Re-encoding moves embeddings by ~1e-7, which reorders a few of the 4,950 near-tied pairs.
+    for key in ("orl/eer", "orl/auc", "orl/tar@far=1e-2", "orl/rank1"):
+        assert metrics[key] == pytest.approx(trained.metrics[key], abs=1e-4), key
+
+    assert evaluate_cli.main([*argv, "--flip"]) == 0
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+    flipped = float(lines["orl/auc"])
+    assert 0.5 < flipped <= 1.0 and flipped != pytest.approx(metrics["orl/auc"], abs=1e-9)
+
+    assert evaluate_cli.main([str(trained.run.parent / "no_run"), "-q"]) == 1
+    assert "no run directory or checkpoint" in capsys.readouterr().err
 
 
 def test_verify_cli_runs_as_a_subprocess(trained, val_set):
