@@ -18,11 +18,8 @@ continues exactly from its own checkpoints (``resume_from``), stops cleanly on S
 from __future__ import annotations
 
 import logging
-import math
 import signal
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,33 +29,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from femb import distributed
+from femb import distributed, fit_loop
+from femb.fit_loop import LOWER_IS_BETTER, NONFINITE_POLICIES, PRECISIONS
 from femb.headers.partial_fc import full_optimizer_state, local_optimizer_state
 from femb.run_io import (
     RunWriter,
     carry_run_files,
-    load_training_checkpoint,
-    resume_checkpoint_path,
 )
 from femb.utils import (
     StopSignals,
     capture_rng_state,
-    init_train_worker,
     resolve_device,
     restore_rng_state,
     seed_everything,
 )
 
 log = logging.getLogger(__name__)
-
-#: Validation metrics where a smaller value is better; every other metric is "higher is better".
-LOWER_IS_BETTER = ("eer",)
-
-#: ``fit(precision=...)``: float32, bfloat16 autocast, float16 autocast with loss scaling.
-PRECISIONS = ("bf16", "fp16", "fp32")
-
-#: ``fit(nonfinite=...)``: what a NaN or infinite loss does.
-NONFINITE_POLICIES = ("raise", "skip")
 
 
 class TrainingInterrupted(Exception):
@@ -255,7 +241,7 @@ class FaceEmbeddingModel(nn.Module):
             normalize=False,
             num_workers=num_workers,
         )
-        return _score(evaluator, dataset, embeddings)[0]
+        return fit_loop.score(evaluator, dataset, embeddings)[0]
 
     def fit(
         self,
@@ -400,8 +386,8 @@ class FaceEmbeddingModel(nn.Module):
             FloatingPointError: A non-finite loss (see ``nonfinite``).
             TrainingInterrupted: A stop signal arrived; the checkpoint to resume from is named.
         """
-        val_sets = _as_val_sets(val_dataset)
-        _check_fit_args(
+        val_sets = fit_loop.as_val_sets(val_dataset)
+        fit_loop.check_fit_args(
             batch_size,
             evaluator,
             val_sets,
@@ -411,7 +397,7 @@ class FaceEmbeddingModel(nn.Module):
             train_dataset,
             self.header,
         )
-        _check_trainer_args(
+        fit_loop.check_trainer_args(
             precision,
             nonfinite,
             max_nonfinite_skips,
@@ -424,17 +410,17 @@ class FaceEmbeddingModel(nn.Module):
         rank, world = distributed.rank(), distributed.world_size()
         main = rank == 0
         device = distributed.rank_device(resolve_device(device))
-        _check_precision(precision, device, sync_batchnorm and world > 1)
+        fit_loop.check_precision(precision, device, sync_batchnorm and world > 1)
         default_dir = Path("outputs") / "fit" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         # Every rank must agree on the run directory (it holds the checkpoint to resume from).
         out_dir = Path(distributed.broadcast_object(str(out_dir or default_dir)))
-        checkpoint, checkpoint_path = _read_resume(resume_from, out_dir)
+        checkpoint, checkpoint_path = fit_loop.read_resume(resume_from, out_dir)
 
         objective = self._prepare_training(
             device, precision, channels_last, compile, sync_batchnorm and world > 1
         )
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        state = _FitState(monitor=monitor)
+        state = fit_loop.FitState(monitor=monitor)
         state.last_checkpoint = checkpoint_path
 
         def where() -> str:
@@ -445,7 +431,7 @@ class FaceEmbeddingModel(nn.Module):
                 f"{state.batches_in_epoch + 1} of the epoch); the last checkpoint is {last}"
             )
 
-        stepper = _Stepper(
+        stepper = fit_loop.Stepper(
             objective,
             optimizer,
             scaler,
@@ -453,7 +439,7 @@ class FaceEmbeddingModel(nn.Module):
             nonfinite,
             max_nonfinite_skips,
             where=where,
-            sharded=_sharded_parameters(self.header),
+            sharded=fit_loop.sharded_parameters(self.header),
         )
         settings = {
             "batch_size": batch_size,
@@ -465,7 +451,7 @@ class FaceEmbeddingModel(nn.Module):
         rows: list[dict[str, Any]] = []
         start_batch, rng_state = 0, None
         if checkpoint is not None:
-            seed = _warn_resume_conflicts(checkpoint, settings, config)
+            seed = fit_loop.warn_resume_conflicts(checkpoint, settings, config)
             rows, start_batch, rng_state = self._restore_training(
                 checkpoint,
                 optimizer,
@@ -485,7 +471,7 @@ class FaceEmbeddingModel(nn.Module):
                 f"the training set has {len(train_dataset)} images, fewer than one global "
                 f"batch of batch_size={batch_size} x {world} processes: lower batch_size."
             )
-        loader = _train_loader(
+        loader = fit_loop.train_loader(
             train_dataset,
             sampler,
             device,
@@ -563,13 +549,13 @@ class FaceEmbeddingModel(nn.Module):
             state.last_checkpoint = writer.checkpoint_path("last")
             return state.last_checkpoint
 
-        def report(step: _StepResult, images: int) -> None:
+        def report(step: fit_loop.StepResult, images: int) -> None:
             state.record(step.loss, images)
             bar.update(1)
             bar.set_postfix(
                 epoch=self.epoch,
                 loss=f"{state.epoch_mean():.4f}",
-                lr=f"{_current_lr(optimizer):.3g}",
+                lr=f"{fit_loop.current_lr(optimizer):.3g}",
                 img_s=f"{state.images_per_s() * world:.1f}",
                 refresh=False,
             )
@@ -618,7 +604,7 @@ class FaceEmbeddingModel(nn.Module):
         if rng_state is not None:
             restore_rng_state(rng_state)
         self.train()
-        done = _finished(self, max_training_steps, max_epochs)
+        done = fit_loop.finished(self, max_training_steps, max_epochs)
         if done:
             log.info(
                 "The checkpoint's run is already complete at global step %d.", self.global_step
@@ -629,9 +615,9 @@ class FaceEmbeddingModel(nn.Module):
                     sampler.set_epoch(self.epoch, start_batch)
                     state.batches_in_epoch, start_batch = start_batch, 0
                     state.restart_clock()
-                    for images, labels in _batches(loader, signals):
+                    for images, labels in fit_loop.batches(loader, signals):
                         self.header_step_hook()
-                        images, labels = _to_device(images, labels, device, channels_last)
+                        images, labels = fit_loop.to_device(images, labels, device, channels_last)
                         step = stepper(images, labels, lambda: signals.requested is not None)
                         state.batches_in_epoch += 1
                         if not step.skipped:
@@ -669,7 +655,7 @@ class FaceEmbeddingModel(nn.Module):
                 if saved_at != position():
                     path = save()
                     log.info("Saved final checkpoint %s", path)
-            except _LoaderStopped:
+            except fit_loop.LoaderStopped:
                 interrupt(signals.requested)
             finally:
                 bar.close()
@@ -720,7 +706,7 @@ class FaceEmbeddingModel(nn.Module):
             None when trained from plain Python) and ``resume`` (None outside ``fit``).
         """
         full_state = getattr(self.header, "full_state_dict", None)
-        sharded = bool(_sharded_parameters(self.header))
+        sharded = bool(fit_loop.sharded_parameters(self.header))
         return {
             "backbone": self.backbone.state_dict(),
             "header": full_state() if sharded else self.header.state_dict(),
@@ -768,21 +754,23 @@ class FaceEmbeddingModel(nn.Module):
             self.backbone.to(memory_format=torch.channels_last)
         if distributed.world_size() == 1:
             embed = torch.compile(self.backbone) if compile else self.backbone
-            return _Objective(self, embed, device, precision)
+            return fit_loop.Objective(self, embed, device, precision)
 
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        if not _sharded_parameters(self.header):
+        if not fit_loop.sharded_parameters(self.header):
             embed = torch.compile(self.backbone) if compile else self.backbone
             return DistributedDataParallel(
-                _Objective(self, embed, device, precision), device_ids=device_ids
+                fit_loop.Objective(self, embed, device, precision), device_ids=device_ids
             )
         # Model parallel header: its centres differ per rank, so DDP must not average their
         # gradients; it wraps the backbone only (the header scales the embedding gradients so
         # that DDP's average is the exact gradient of the global loss).
         embed = DistributedDataParallel(self.backbone, device_ids=device_ids)
-        return _Objective(self, torch.compile(embed) if compile else embed, device, precision)
+        return fit_loop.Objective(
+            self, torch.compile(embed) if compile else embed, device, precision
+        )
 
     def _restore_training(
         self,
@@ -791,8 +779,8 @@ class FaceEmbeddingModel(nn.Module):
         lr_epoch_scheduler: Any,
         lr_global_step_scheduler: Any,
         scaler: torch.amp.GradScaler,
-        state: _FitState,
-        stepper: _Stepper,
+        state: fit_loop.FitState,
+        stepper: fit_loop.Stepper,
         global_batch: int,
     ) -> tuple[list[dict[str, Any]], int, dict[str, Any] | None]:
         """Load a checkpoint's training state into the model and the training objects.
@@ -888,7 +876,7 @@ class FaceEmbeddingModel(nn.Module):
         writer: RunWriter,
         projection_samples: int,
         optimizer: torch.optim.Optimizer,
-        state: _FitState,
+        state: fit_loop.FitState,
     ) -> bool:
         """Evaluate, append the CSV row and log it; True when ``monitor`` improved."""
         metrics = self._evaluate_all(
@@ -906,7 +894,7 @@ class FaceEmbeddingModel(nn.Module):
             "step": self.global_step,
             "epoch": self.epoch,
             "train_loss": state.interval_mean(),
-            "lr": _current_lr(optimizer),
+            "lr": fit_loop.current_lr(optimizer),
         }
         row.update(metrics)
         writer.append_row(row)
@@ -948,13 +936,18 @@ class FaceEmbeddingModel(nn.Module):
                 normalize=False,
                 num_workers=num_workers,
             )
-            scores, roc = _score(evaluator, dataset, embeddings)
+            scores, roc = fit_loop.score(evaluator, dataset, embeddings)
             metrics.update({f"{name}/{key}": float(value) for key, value in scores.items()})
             if roc is not None:
                 writer.roc(name, self.global_step, roc)
             if projection_samples > 0 and writer.tensorboard:
                 self._write_projection(
-                    dataset, embeddings, _labels_of(dataset), writer, name, projection_samples
+                    dataset,
+                    embeddings,
+                    fit_loop.labels_of(dataset),
+                    writer,
+                    name,
+                    projection_samples,
                 )
         return metrics
 
@@ -993,15 +986,15 @@ class FaceEmbeddingModel(nn.Module):
 
     def _log_progress(
         self,
-        state: _FitState,
+        state: fit_loop.FitState,
         parts: dict[str, torch.Tensor],
         optimizer: torch.optim.Optimizer,
         writer: RunWriter,
         total_steps: int,
-        stepper: _Stepper,
+        stepper: fit_loop.Stepper,
     ) -> None:
         norms = parts["embedding_norm"]
-        lr = _current_lr(optimizer)
+        lr = fit_loop.current_lr(optimizer)
         window = state.window_mean()
         scalars = {
             "train/loss": window,
@@ -1039,600 +1032,12 @@ class FaceEmbeddingModel(nn.Module):
         )
 
 
-class _LoaderStopped(Exception):
-    """The training DataLoader failed after a stop signal (its workers were signalled too)."""
-
-
-class _Objective(nn.Module):
-    """Backbone (under autocast, maybe compiled) + header + loss as one module.
-
-    ``fit`` trains through this module so that a single ``DistributedDataParallel`` wraps both
-    the backbone and the header: the gradients of both are all-reduced and the buffers of both
-    broadcast from rank 0 (with a sharded header, ``embed`` is the DDP-wrapped backbone
-    instead). Autocast covers the backbone only; the headers compute their margin math in
-    float32 and the loss sees float32 logits.
-    """
-
-    def __init__(
-        self, model: FaceEmbeddingModel, embed: Any, device: torch.device, precision: str
-    ) -> None:
-        super().__init__()
-        self.model = model
-        # A plain attribute, not a submodule: a compiled backbone shares the backbone's
-        # parameters, which must be registered once only.
-        self.__dict__["embed"] = embed
-        self.device_type = device.type
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(B, 3, H, W), (B,) -> total loss and its parts (see ``training_step``)."""
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
-            embeddings = self.embed(images)
-        return self.model.objective(embeddings, labels)
-
-
-@dataclass
-class _StepResult:
-    loss: float  # mean over all ranks
-    parts: dict[str, torch.Tensor]
-    skipped: bool  # non-finite loss, batch skipped
-    stop: bool  # some rank received a stop signal
-
-
-class _Stepper:
-    """One optimizer step: forward, agreement of the ranks, backward, clipping, update.
-
-    The ranks agree in one all-reduce on the mean loss, on whether any rank's loss is
-    non-finite (then every rank skips the batch, or raises) and on whether any rank received a
-    stop signal (then every rank stops after this step).
-    """
-
-    def __init__(
-        self,
-        objective: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler,
-        clip_grad_norm: float | None,
-        nonfinite: str,
-        max_nonfinite_skips: int,
-        where: Callable[[], str],
-        sharded: Iterable[nn.Parameter] = (),
-    ) -> None:
-        """``sharded``: parameters split over the ranks (a model-parallel header)."""
-        self.objective = objective
-        self.optimizer = optimizer
-        self.scaler = scaler
-        self.clip_grad_norm = clip_grad_norm
-        self.nonfinite = nonfinite
-        self.max_nonfinite_skips = max_nonfinite_skips
-        self.where = where
-        self.consecutive_skips = 0
-        self.total_skips = 0
-        self.grad_norm: float | None = None
-        self.sharded = list(sharded)
-
-    def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, stop_requested: Callable[[], bool]
-    ) -> _StepResult:
-        """Train on one batch; ``stop_requested`` says whether this rank received a stop
-        signal (asked at the agreement, and again at the end in a single process)."""
-        loss, parts = self.objective(images, labels)
-        mean_loss, nonfinite, stop = self._agree(loss, stop_requested())
-        if nonfinite:
-            self._on_nonfinite(mean_loss)
-            return _StepResult(mean_loss, parts, skipped=True, stop=stop or _alone(stop_requested))
-        self.consecutive_skips = 0
-
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.clip_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not scaled ones
-            self.grad_norm = self._clip()
-        # Under fp16 every rank's GradScaler reaches the same skip decision also with a sharded
-        # header: the backbone's gradients are all-reduced (an overflow reaches every rank),
-        # the centres and their gradients are float32 (the loss scale that float16 backbone
-        # gradients tolerate is far inside float32's range), and a non-finite loss was caught
-        # above on all ranks at once.
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # A signal that arrived during this step stops after it; in a multi-process run the
-        # ranks can only agree at the next step's all-reduce.
-        return _StepResult(mean_loss, parts, skipped=False, stop=stop or _alone(stop_requested))
-
-    def _clip(self) -> float:
-        """Clip all gradients to a total norm of ``clip_grad_norm``; return the norm before.
-
-        Sharded parameters (Partial FC's centres) hold different rows on every rank, so their
-        squared norms are summed over the ranks; the replicated parameters (all-reduced by
-        DDP) count once. The norm is that of the single-process gradient.
-        """
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        sharded_ids = {id(p) for p in self.sharded}
-        if not sharded_ids:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
-        sharded = [p.grad for p in params if p.grad is not None and id(p) in sharded_ids]
-        replicated = [p.grad for p in params if p.grad is not None and id(p) not in sharded_ids]
-        sharded_sq = torch.nn.utils.get_total_norm(sharded).float().square()
-        total = torch.sqrt(
-            torch.nn.utils.get_total_norm(replicated).float().square()
-            + distributed.all_reduce_sum(sharded_sq)
-        )
-        torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, total)
-        return float(total)
-
-    def scalars(self) -> dict[str, float]:
-        """Diagnostics for the progress log: grad norm, fp16 loss scale, skipped batches."""
-        values: dict[str, float] = {}
-        if self.grad_norm is not None:
-            values["train/grad_norm"] = self.grad_norm
-        if self.scaler.is_enabled():
-            values["train/grad_scale"] = float(self.scaler.get_scale())
-        if self.nonfinite == "skip":
-            values["train/nonfinite_skips"] = float(self.total_skips)
-        return values
-
-    def state_dict(self) -> dict[str, int]:
-        return {"consecutive": self.consecutive_skips, "total": self.total_skips}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.consecutive_skips = int(state["consecutive"])
-        self.total_skips = int(state["total"])
-
-    def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
-        world = distributed.world_size()
-        if world == 1:
-            value = loss.item()
-            return value, not math.isfinite(value), stop
-        detached = loss.detach().float()
-        flags = torch.stack(
-            [
-                detached,
-                (~torch.isfinite(detached)).float(),
-                torch.tensor(float(stop), device=detached.device),
-            ]
-        )
-        total, nonfinite, stops = distributed.all_reduce_sum(flags).tolist()
-        return total / world, nonfinite > 0, stops > 0
-
-    def _on_nonfinite(self, loss: float) -> None:
-        if self.nonfinite == "raise":
-            raise FloatingPointError(
-                f"non-finite loss {loss} at {self.where()}. Lower the learning rate, set "
-                "clip_grad_norm, check the data, or set nonfinite=skip to skip such batches."
-            )
-        self.consecutive_skips += 1
-        self.total_skips += 1
-        log.warning(
-            "non-finite loss %s at %s: batch skipped (%d in a row, %d in all)",
-            loss,
-            self.where(),
-            self.consecutive_skips,
-            self.total_skips,
-        )
-        if self.consecutive_skips >= self.max_nonfinite_skips:
-            raise FloatingPointError(
-                f"{self.consecutive_skips} consecutive non-finite losses "
-                f"(max_nonfinite_skips={self.max_nonfinite_skips}), the last at {self.where()}. "
-                "Training diverged: lower the learning rate, set clip_grad_norm or check the "
-                "data, then resume from the last checkpoint."
-            )
-
-
-class _FitState:
-    """Running losses, throughput, the best monitored metric and the position in the epoch of
-    one ``fit`` call."""
-
-    def __init__(self, monitor: str | None) -> None:
-        self.monitor = monitor
-        self.batches_in_epoch = 0
-        self.last_checkpoint: Path | None = None
-        self.last_eval_step = -1
-        self.final_metrics: dict[str, float] = {}
-        self.best_key: str | None = None
-        self.best_value = math.nan
-        self._epoch = [0.0, 0]
-        self._interval = [0.0, 0]
-        self._window = [0.0, 0]
-        self._last_interval = math.nan
-        self._images = 0
-        self._seconds = 0.0
-        self._tick = time.perf_counter()
-
-    def restart_clock(self) -> None:
-        """Start timing the next step now (time spent before, e.g. evaluating, is left out)."""
-        self._tick = time.perf_counter()
-
-    def record(self, loss: float, images: int) -> None:
-        """Add one optimizer step: its loss and images, and the time since the last one."""
-        for acc in (self._epoch, self._interval, self._window):
-            acc[0] += loss
-            acc[1] += 1
-        now = time.perf_counter()
-        self._images += images
-        self._seconds += now - self._tick
-        self._tick = now
-
-    def new_epoch(self) -> None:
-        self._epoch = [0.0, 0]
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to continue the running means and the best metric."""
-        return {
-            "last_eval_step": self.last_eval_step,
-            "final_metrics": dict(self.final_metrics),
-            "best_key": self.best_key,
-            "best_value": self.best_value,
-            "epoch": list(self._epoch),
-            "interval": list(self._interval),
-            "window": list(self._window),
-            "last_interval": self._last_interval,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.last_eval_step = int(state["last_eval_step"])
-        self.final_metrics = dict(state["final_metrics"])
-        self.best_key = state["best_key"]
-        self.best_value = float(state["best_value"])
-        self._epoch = list(state["epoch"])
-        self._interval = list(state["interval"])
-        self._window = list(state["window"])
-        self._last_interval = float(state["last_interval"])
-
-    def epoch_mean(self) -> float:
-        return self._epoch[0] / self._epoch[1] if self._epoch[1] else math.nan
-
-    def window_mean(self) -> float:
-        """Mean loss since the previous progress line."""
-        mean = self._window[0] / self._window[1] if self._window[1] else math.nan
-        self._window = [0.0, 0]
-        return mean
-
-    def interval_mean(self, reset: bool = True) -> float:
-        """Mean loss since the previous evaluation."""
-        if self._interval[1]:
-            self._last_interval = self._interval[0] / self._interval[1]
-        if reset:
-            self._interval = [0.0, 0]
-        return self._last_interval
-
-    def images_per_s(self) -> float:
-        return self._images / self._seconds if self._seconds > 0 else 0.0
-
-    def update_best(self, metrics: dict[str, float], first_set: str) -> bool:
-        """Track the best monitored value; True when this evaluation is the new best."""
-        if self.monitor is None:
-            return False
-        key = f"{first_set}/{self.monitor}"
-        if key not in metrics:
-            raise ValueError(
-                f"monitor={self.monitor!r} is not among the evaluator's metrics "
-                f"{sorted(k.split('/', 1)[1] for k in metrics)}; pick one of "
-                "those or set monitor=None."
-            )
-        value = metrics[key]
-        lower = self.monitor in LOWER_IS_BETTER
-        if math.isnan(value):
-            return False
-        if (
-            self.best_key is None
-            or math.isnan(self.best_value)
-            or (value < self.best_value if lower else value > self.best_value)
-        ):
-            self.best_key, self.best_value = key, value
-            return True
-        return False
-
-
-def _sharded_parameters(header: nn.Module) -> list[nn.Parameter]:
-    """The header's parameters that are split over the ranks (Partial FC in a DDP run)."""
-    sharded = getattr(header, "sharded_parameters", None)
-    return list(sharded()) if sharded is not None else []
-
-
-def _as_val_sets(val_dataset: Dataset | Mapping[str, Dataset] | None) -> dict[str, Dataset]:
-    if val_dataset is None:
-        return {}
-    if isinstance(val_dataset, Mapping):
-        return dict(val_dataset)
-    return {"val": val_dataset}
-
-
-def _labels_of(dataset: Dataset) -> Any:
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        labels = [int(dataset[i][1]) for i in range(len(dataset))]
-    return torch.as_tensor(labels)
-
-
-def _score(evaluator: Any, dataset: Dataset, embeddings: torch.Tensor) -> tuple[dict, Any]:
-    """Score a validation set: ``(metrics, roc)``; ``roc`` is None for an evaluator without
-    ``compute`` (any callable returning a metrics dict is a valid evaluator)."""
-    args = (embeddings, _labels_of(dataset))
-    kwargs = {key: getattr(dataset, key, None) for key in ("pairs", "issame", "folds")}
-    compute = getattr(evaluator, "compute", None)
-    if compute is None:
-        return evaluator(*args, **kwargs), None
-    result = compute(*args, **kwargs)
-    return result.metrics, result.roc
-
-
-def _current_lr(optimizer: torch.optim.Optimizer) -> float:
-    return float(optimizer.param_groups[0]["lr"])
-
-
-def _check_fit_args(
-    batch_size: int,
-    evaluator: Any,
-    val_sets: dict[str, Dataset],
-    evaluation_steps: int,
-    max_training_steps: int,
-    max_epochs: int,
-    train_dataset: Dataset,
-    header: nn.Module,
-) -> None:
-    if max_training_steps < 0 or max_epochs < 0:
-        raise ValueError(
-            f"max_training_steps={max_training_steps} and max_epochs={max_epochs} "
-            "must not be negative."
-        )
-    if max_training_steps == 0 and max_epochs == 0:
-        raise ValueError(
-            "max_training_steps and max_epochs are both 0, so training would "
-            "never stop: set max_training_steps > 0 (it wins) or max_epochs > 0."
-        )
-    if batch_size < 2:
-        raise ValueError(
-            f"batch_size={batch_size}: BatchNorm needs at least 2 images per "
-            "batch; use batch_size >= 2."
-        )
-    if evaluation_steps < 0:
-        raise ValueError(f"evaluation_steps={evaluation_steps} must be >= 0 (0: every epoch).")
-    if evaluator is not None and not val_sets:
-        raise ValueError(
-            "an evaluator was given but no val_dataset: pass val_dataset=... or evaluator=None."
-        )
-    if val_sets and evaluator is None:
-        raise ValueError(
-            "a val_dataset was given but no evaluator: pass "
-            "evaluator=VerificationEvaluator(...) or val_dataset=None."
-        )
-    if len(train_dataset) < batch_size:
-        raise ValueError(
-            f"the training set has {len(train_dataset)} images, fewer than "
-            f"batch_size={batch_size}, so no full batch can be drawn (batches of "
-            "an incomplete size are dropped for BatchNorm): lower batch_size."
-        )
-    num_classes = getattr(train_dataset, "num_classes", None)
-    out_features = getattr(header, "out_features", None)
-    if num_classes is not None and out_features is not None and num_classes > out_features:
-        raise ValueError(
-            f"the training set has {num_classes} identities but the header has "
-            f"out_features={out_features}: build the header with "
-            f"out_features={num_classes}."
-        )
-
-
-def _check_trainer_args(
-    precision: str,
-    nonfinite: str,
-    max_nonfinite_skips: int,
-    clip_grad_norm: float | None,
-    checkpoint_steps: int,
-    num_workers: int,
-    persistent_workers: bool | None,
-    prefetch_factor: int | None,
-) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; use one of {sorted(PRECISIONS)}.")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite={nonfinite!r}; use one of {sorted(NONFINITE_POLICIES)}.")
-    if max_nonfinite_skips < 1:
-        raise ValueError(f"max_nonfinite_skips={max_nonfinite_skips} must be >= 1.")
-    if clip_grad_norm is not None and not clip_grad_norm > 0:
-        raise ValueError(
-            f"clip_grad_norm={clip_grad_norm} must be > 0 (the largest gradient norm), or "
-            "None for no clipping."
-        )
-    if checkpoint_steps < 0:
-        raise ValueError(
-            f"checkpoint_steps={checkpoint_steps} must be >= 0 (0: checkpoints only at "
-            "evaluations and at the end)."
-        )
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0.")
-    if num_workers == 0 and (persistent_workers or prefetch_factor is not None):
-        raise ValueError(
-            f"persistent_workers={persistent_workers} and prefetch_factor={prefetch_factor} "
-            "apply to DataLoader workers but num_workers=0: set num_workers > 0 or leave them "
-            "at None."
-        )
-    if prefetch_factor is not None and prefetch_factor < 1:
-        raise ValueError(f"prefetch_factor={prefetch_factor} must be >= 1 (or None).")
-
-
-def _check_precision(precision: str, device: torch.device, sync_batchnorm: bool) -> None:
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(
-            f"precision=fp16 on device {device}: float16 autocast is CUDA only here (slow or "
-            "unsupported for CPU convolutions); use precision=bf16 on the CPU."
-        )
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(
-            f"precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-            "use precision=fp16."
-        )
-    if sync_batchnorm and device.type != "cuda":
-        raise ValueError(
-            f"sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm), not {device}; "
-            "set sync_batchnorm=false."
-        )
-
-
-def _read_resume(
-    resume_from: str | Path | Mapping[str, Any] | None, out_dir: Path
-) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint dict to resume from and its file (rank 0 resolves, every rank reads)."""
-    if resume_from is None:
-        return None, None
-    if isinstance(resume_from, Mapping):
-        if "resume" not in resume_from or resume_from["resume"] is None:
-            raise ValueError(
-                "resume_from is a dict without training state ('resume' entry); pass a "
-                "checkpoint written by fit."
-            )
-        return dict(resume_from), None
-    path = distributed.broadcast_object(
-        resume_checkpoint_path(resume_from, out_dir) if distributed.is_main_process() else None
-    )
-    if path is None:
-        log.info("resume=auto: no checkpoint in %s, starting a fresh run.", out_dir)
-        return None, None
-    log.info("Resuming from %s", path)
-    return load_training_checkpoint(path), Path(path)
-
-
-#: Config keys that may differ between a checkpoint and the run resuming it without notice.
-_RESUME_SILENT_KEYS = (
-    "data_root",
-    "device",
-    "log_every",
-    "num_workers",
-    "output_dir",
-    "persistent_workers",
-    "pin_memory",
-    "prefetch_factor",
-    "progress",
-    "resume",
-)
-
-#: Which value wins when the checkpoint and the resuming run disagree; other keys: the run's.
-_RESUME_RULES = {
-    "seed": "the checkpoint's seed is kept, so that the interrupted epoch's order is replayed",
-    "batch_size": (
-        "the run's batch size is used; the interrupted epoch continues at the same image "
-        "count (rounded down to a whole batch), so the run is no longer an exact continuation"
-    ),
-    "world_size": (
-        "the run's process count is used; the interrupted epoch continues at the same image "
-        "count (rounded down to a whole batch)"
-    ),
-    "train_size": (
-        "the run's training set is used; the epoch position is kept as an image count, "
-        "which no longer means the same images"
-    ),
-    "backbone": "the checkpoint's weights are loaded into the run's model (they must fit)",
-    "header": "the checkpoint's weights are loaded into the run's header (they must fit)",
-    "embed_dim": "the checkpoint's weights are loaded into the run's model (they must fit)",
-    "optimizer": (
-        "the checkpoint's optimizer state wins, including each group's lr, momentum and "
-        "weight decay"
-    ),
-    "scheduler": (
-        "the checkpoint's scheduler progress is loaded into the run's schedule (whose length "
-        "follows the run's stop criterion)"
-    ),
-    "precision": (
-        "the run's precision is used (the fp16 loss scale carries over from fp16 runs only)"
-    ),
-}
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def _warn_resume_conflicts(
-    checkpoint: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    config: Mapping[str, Any] | None,
-) -> int:
-    """Log every difference between the checkpoint's settings and the run's, with the rule of
-    :data:`_RESUME_RULES`; returns the seed to use (the checkpoint's)."""
-    saved = dict(checkpoint["resume"]["settings"])
-    differences = {
-        key: (saved.get(key), value) for key, value in settings.items() if saved.get(key) != value
-    }
-    old_config, new_config = checkpoint.get("config"), config
-    if old_config is not None and new_config is not None:
-        old, new = _flatten(old_config), _flatten(dict(new_config))
-        for key in sorted(set(old) | set(new)):
-            top = key.split(".", 1)[0]
-            if top in _RESUME_SILENT_KEYS or top in settings or old.get(key) == new.get(key):
-                continue
-            differences[key] = (old.get(key), new.get(key))
-    for key, (was, now) in differences.items():
-        rule = _RESUME_RULES.get(key.split(".", 1)[0], "the run's value is used from here on")
-        log.warning("resume: %s is %r in the checkpoint but %r now: %s.", key, was, now, rule)
-    return int(saved["seed"])
-
-
-def _train_loader(
-    dataset: Dataset,
-    sampler: distributed.EpochSampler,
-    device: torch.device,
-    num_workers: int,
-    pin_memory: bool | None,
-    persistent_workers: bool | None,
-    prefetch_factor: int | None,
-    seed: int,
-) -> DataLoader:
-    workers: dict[str, Any] = {}
-    if num_workers > 0:
-        workers["persistent_workers"] = True if persistent_workers is None else persistent_workers
-        if prefetch_factor is not None:
-            workers["prefetch_factor"] = prefetch_factor
-    return DataLoader(
-        distributed.SeededDataset(dataset),
-        batch_size=sampler.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=num_workers,
-        # Draws only the workers' base seeds, so the global generator is left alone.
-        generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=init_train_worker,
-        pin_memory=device.type == "cuda" if pin_memory is None else pin_memory,
-        **workers,
-    )
-
-
-def _batches(loader: DataLoader, signals: StopSignals) -> Iterator[Any]:
-    """The loader's batches; a loader failure after a stop signal raises ``_LoaderStopped``."""
-    iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except RuntimeError:
-            if signals.requested is None:
-                raise
-            raise _LoaderStopped() from None
-        yield batch
-
-
-def _to_device(
-    images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=True)
-
-
-def _alone(stop_requested: Callable[[], bool]) -> bool:
-    """``stop_requested()`` in a single process; False in a multi-process run (the ranks decide
-    together, in :meth:`_Stepper._agree`)."""
-    return distributed.world_size() == 1 and stop_requested()
-
-
-def _finished(model: FaceEmbeddingModel, max_training_steps: int, max_epochs: int) -> bool:
-    if max_training_steps:
-        return model.global_step >= max_training_steps
-    return model.epoch >= max_epochs
+# LOWER_IS_BETTER, NONFINITE_POLICIES and PRECISIONS live in femb.fit_loop; they stay importable
+# from here, where fit documents them.
+__all__ = [
+    "LOWER_IS_BETTER",
+    "NONFINITE_POLICIES",
+    "PRECISIONS",
+    "FaceEmbeddingModel",
+    "TrainingInterrupted",
+]

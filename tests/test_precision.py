@@ -127,7 +127,7 @@ def test_gradient_clipping_scales_the_step_to_the_max_norm(train_set, tmp_path, 
     before = [p.detach().clone() for p in model.parameters()]
     lr = 1.0
     optimizer = torch.optim.SGD(model.params, lr=lr)  # plain SGD: step = -lr * grad
-    with caplog.at_level(logging.INFO, logger="femb.model"):
+    with caplog.at_level(logging.INFO, logger="femb"):
         fit(
             model,
             train_set,
@@ -207,7 +207,7 @@ def test_compile_trains_and_saves_the_plain_backbone(train_set, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_on_cuda_uses_a_grad_scaler(train_set, tmp_path, caplog):
     model = make_model()
-    with caplog.at_level(logging.INFO, logger="femb.model"):
+    with caplog.at_level(logging.INFO, logger="femb"):
         metrics = fit(model, train_set, tmp_path, device="cuda", precision="fp16", log_every=1)
     assert math.isfinite(metrics["train/loss"])
     assert "grad_scale 6.554e+04" in caplog.text  # torch's initial scale, 2**16

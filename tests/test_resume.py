@@ -327,7 +327,7 @@ def test_sigterm_to_the_process_group_with_workers_still_checkpoints(tmp_path):
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(reference, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="femb.model"):
+    with caplog.at_level(logging.INFO, logger="femb"):
         run(tmp_path, resume_from="auto")
     assert "no checkpoint in" in caplog.text and "starting a fresh run" in caplog.text
     assert_same_run(reference, tmp_path)
@@ -341,7 +341,7 @@ def test_resume_from_a_missing_path_is_a_clear_error(tmp_path):
 def test_resuming_a_finished_run_changes_nothing(reference, tmp_path, caplog):
     run(tmp_path)
     before = (tmp_path / "verification.csv").read_text()
-    with caplog.at_level(logging.INFO, logger="femb.model"):
+    with caplog.at_level(logging.INFO, logger="femb"):
         run(tmp_path, resume_from="auto")
     assert "already complete" in caplog.text
     assert (tmp_path / "verification.csv").read_text() == before
@@ -350,7 +350,7 @@ def test_resuming_a_finished_run_changes_nothing(reference, tmp_path, caplog):
 
 def test_resume_warns_which_value_wins(tmp_path, caplog):
     run(tmp_path, steps=3)
-    with caplog.at_level(logging.WARNING, logger="femb.model"):
+    with caplog.at_level(logging.WARNING, logger="femb"):
         run(tmp_path, steps=5, resume_from="auto", batch_size=2, seed=9)
     text = caplog.text
     assert "batch_size is 4 in the checkpoint but 2 now" in text
@@ -375,7 +375,7 @@ def test_nonfinite_loss_raises_with_the_step_and_the_last_checkpoint(tmp_path):
 
 
 def test_nonfinite_skip_drops_the_batch_and_counts(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="femb.model"):
+    with caplog.at_level(logging.WARNING, logger="femb"):
         model, metrics = run(tmp_path, hooks={"nan_at": {2, 7}}, nonfinite="skip")
     assert model.global_step == TOTAL_STEPS  # skipped batches are not optimizer steps
     assert "batch skipped (1 in a row, 2 in all)" in caplog.text
