@@ -343,8 +343,9 @@ class FaceEmbeddingModel(nn.Module):
                 projector (0 disables it).
             config: Resolved config stored in every checkpoint (``femb.train`` passes it).
             precision: ``"fp32"``, ``"bf16"`` (autocast; CPU and recent GPUs) or ``"fp16"``
-                (autocast with a ``GradScaler``; CUDA only). The backbone runs under autocast;
-                the header's margin math and the loss stay in float32.
+                (autocast with a ``GradScaler``; meant for CUDA, runs slowly on the CPU). The
+                backbone runs under autocast; the header's margin math and the loss stay in
+                float32.
             channels_last: Keep the backbone's weights and the images in channels-last memory
                 format (faster convolutions on tensor-core GPUs).
             compile: Train through ``torch.compile(backbone)`` (the saved weights are those of
@@ -381,8 +382,7 @@ class FaceEmbeddingModel(nn.Module):
 
         Raises:
             ValueError: For inconsistent arguments (both stop criteria 0, an evaluator without
-                a validation set, a batch size larger than the training set, fp16 on the CPU,
-                ...).
+                a validation set, a batch size larger than the training set, ...).
             FloatingPointError: A non-finite loss (see ``nonfinite``).
             TrainingInterrupted: A stop signal arrived; the checkpoint to resume from is named.
         """
