@@ -138,6 +138,11 @@ class Stepper:
         # above on all ranks at once.
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled():
+            # A step the GradScaler skipped (overflow) still counts as a global step and the
+            # schedulers advance with it; tell torch's schedulers so, else the first skipped
+            # step makes them warn that they step before the optimizer.
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
         # A signal that arrived during this step stops after it; in a multi-process run the
         # ranks can only agree at the next step's all-reduce.
         return StepResult(mean_loss, parts, skipped=False, stop=stop or _alone(stop_requested))

@@ -172,6 +172,8 @@ def partial_fc_worker(rank: int, world: int, port: int, root: str) -> None:
             shutil.copy(root_dir / "resumed" / "checkpoints" / "last.pt", root_dir / "step6.pt")
         torch.distributed.barrier()
         run(root_dir / "resumed", 2, "partial_fc", clip_grad_norm=CLIP, resume_from="auto")
+        model = run(root_dir / "fp16", 2, "partial_fc", precision="fp16")
+        torch.save(model.backbone.state_dict(), root_dir / f"fp16_backbone_rank{rank}.pt")
 
 
 def test_partial_fc_on_two_ranks_trains_resumes_and_clips_like_one_process(tmp_path):
@@ -193,6 +195,20 @@ def test_partial_fc_on_two_ranks_trains_resumes_and_clips_like_one_process(tmp_p
     # The 2-rank checkpoint of step 6 continues in one process (world size 2 -> 1).
     run(tmp_path / "one", 4, "partial_fc", clip_grad_norm=CLIP, resume_from=tmp_path / "step6.pt")
     assert_same_run(tmp_path / "one", single)
+
+    # fp16 with loss scaling: both ranks take the same skip decisions (identical backbones),
+    # and the weights train and stay finite. The local embedding gradients carry the factor R
+    # of the gradient convention, so the loss scale settles lower than in one process.
+    ranks = [torch.load(tmp_path / f"fp16_backbone_rank{r}.pt") for r in (0, 1)]
+    for name, tensor in ranks[0].items():
+        assert torch.equal(tensor, ranks[1][name]), name
+        assert torch.isfinite(tensor).all()
+    run(tmp_path / "fp16_single", 4, "partial_fc", precision="fp16")
+    fp16 = [torch.load(tmp_path / d / "checkpoints" / "last.pt") for d in ("fp16", "fp16_single")]
+    assert fp16[0]["grad_scaler"]["scale"] <= fp16[1]["grad_scaler"]["scale"] < 2.0**16
+    assert torch.isfinite(fp16[0]["header"]["weight"]).all()
+    initial = PartialFCHeader(8, 8, margin="arcface", s=16.0, m=0.5, seed=11).weight
+    assert not torch.allclose(fp16[0]["header"]["weight"], initial)  # some updates were taken
 
 
 def test_global_batches_do_not_depend_on_the_world_size():
