@@ -53,7 +53,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from femb.model import LOWER_IS_BETTER
-from femb.run_io import CSV_NAME, TENSORBOARD_DIR, write_csv
+from femb.run_io import CSV_NAME, ERROR_NAME, TENSORBOARD_DIR, write_csv
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -115,13 +115,14 @@ class Sweep:
 
     Attributes:
         runs: One row per run directory: ``run`` (its path relative to the common parent of
-            all runs), the override and choice columns, ``status`` (``complete`` or
-            ``incomplete``), ``steps``, ``epochs``, ``wall_time_s``, ``final/train_loss``,
-            ``final/<metric>`` and ``best/<metric>`` for each metric in ``metrics``, and
-            ``run_dir`` (absolute path).
+            all runs), the override and choice columns, ``status`` (``complete``,
+            ``incomplete``, or ``failed`` when the job left an ``error.txt``), ``steps``,
+            ``epochs``, ``wall_time_s``, ``final/train_loss``, ``final/<metric>`` and
+            ``best/<metric>`` for each metric in ``metrics``, and ``run_dir`` (absolute path).
         curves: All rows of every run's ``verification.csv`` plus a ``run_dir`` column.
-        problems: One row per incomplete or unreadable run: ``run_dir``, ``status``,
-            ``problem`` (what is missing and the last error line of its log, if any).
+        problems: One row per failed, incomplete or unreadable run: ``run_dir``, ``status``,
+            ``problem`` (a failed job's error message; else what is missing and the last
+            error line of its log, if any).
         metrics: The chosen ``<valset>/<metric>`` names.
         overrides: The override keys found, in first-seen order (columns of ``runs``).
         group_keys: The columns that define a group (``overrides`` minus ``GROUP_IGNORE``).
@@ -306,7 +307,11 @@ def _read_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame | None, str]:
     if math.isnan(info["wall_time_s"]):
         info["wall_time_s"] = _mtime_span(run_dir)
     info["status"] = "incomplete" if notes else "complete"
-    if notes:
+    failure = _read_error(run_dir)
+    if failure:
+        info["status"] = "failed"
+        notes.insert(0, f"failed: {failure}")
+    elif notes:
         hint = "still running, killed or failed"
         if error:
             hint += f"; last error in the log: {error}"
@@ -314,6 +319,16 @@ def _read_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame | None, str]:
             hint += f"; last log line: {last_line}"
         notes.append(hint)
     return info, table, "; ".join(notes)
+
+
+def _read_error(run_dir: Path) -> str:
+    """The error message of a failed job (the first paragraph of its error.txt), or ""."""
+    path = run_dir / ERROR_NAME
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    message = " ".join(text.split("\n\n", 1)[0].split())
+    return message[:300] + ("..." if len(message) > 300 else "")
 
 
 def _read_overrides(hydra_dir: Path) -> dict[str, Any]:
@@ -863,10 +878,10 @@ def write_report(
     Returns:
         ``{"sweep": Sweep, "groups": DataFrame, "files": [Path, ...]}``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sweep = load_runs(paths, metrics)
     groups = group_table(sweep)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a mistyped path leaves no folder behind
     files = []
 
     for name, table in (("runs", sweep.runs), ("groups", groups)):

@@ -10,13 +10,28 @@ costs seconds instead of a crashed job hours later.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
+
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+#: The top-level keys of ``conf/train.yaml`` and its groups: what femb reads. A key outside
+#: this set was added with ``+key=value``; one close to a known key is taken for a typo.
+KNOWN_KEYS = frozenset(
+    """backbone batch_size channels_last checkpoint_steps clip_grad_norm compile data_root
+    dataset device embed_dim evaluation_steps evaluator flip_test handle_signals header
+    header_lr header_weight_decay image_size log_every loss max_bad_fraction max_epochs
+    max_nonfinite_skips max_training_steps monitor nonfinite num_workers optimizer output_dir
+    persistent_workers pin_memory precision prefetch_factor progress projection_samples resume
+    scheduler seed skip_bad_images sync_batchnorm tensorboard valset_dir""".split()
+)
 
 
 class ConfigError(ValueError):
@@ -131,9 +146,29 @@ def check_config(cfg: DictConfig) -> None:
         )
 
     _check_loss_header(cfg, problems)
+    _check_unknown_keys(cfg, problems)
 
     if problems:
         raise ConfigError(problems)
+
+
+def _check_unknown_keys(cfg: DictConfig, problems: list[str]) -> None:
+    """``+max_trainig_steps=3`` composes fine and changes nothing: catch it."""
+    for key in sorted(set(cfg.keys()) - KNOWN_KEYS):
+        value = _get(cfg, str(key))
+        match = difflib.get_close_matches(str(key), KNOWN_KEYS, n=1, cutoff=0.8)
+        if match:
+            problems.append(
+                f"{key}={value!r} is not a femb config key, so it would change nothing; did "
+                f"you mean {match[0]}? e.g. {match[0]}={value} (without the +)"
+            )
+        else:
+            log.warning(
+                "config key %s=%r is not one femb reads: it is stored with the run (e.g. as a "
+                "tag) but changes nothing",
+                key,
+                value,
+            )
 
 
 def _check_loss_header(cfg: DictConfig, problems: list[str]) -> None:

@@ -783,7 +783,14 @@ def score_valset(
 
     node = _relocated(run.config, run.config.dataset.val[name], data_root)
     log.info("Rebuilding validation set %r <%s>", name, node._target_)
-    dataset = instantiate(node)
+    try:
+        dataset = instantiate(node)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}\nThe run's validation set {name!r} is rebuilt from the config stored in "
+            f"the checkpoint (data_root={run.config.get('data_root')!r}); if the data lives "
+            "elsewhere now, pass --data-root DIR to the script (data_root= in femb.inference)."
+        ) from err
     embeddings = run.model.encode(
         dataset, batch_size=batch_size, device=device, flip=flip, num_workers=num_workers
     )

@@ -9,6 +9,7 @@ complete one, never a half-written CSV or checkpoint.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import math
@@ -26,10 +27,28 @@ CSV_NAME = "verification.csv"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 ROC_DIR = "roc"
+#: A failed job's error message, a blank line, then its traceback (written by scripts/train.py).
+ERROR_NAME = "error.txt"
+
+
+@functools.cache
+def _umask() -> int:
+    # os.umask can only be read by setting it; do that once, not at every write.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(fd: int) -> None:
+    """Give a file from ``tempfile.mkstemp`` (always 0600) the mode ``open`` would give it
+    (0666 minus the umask), so that run folders and datasets stay readable by others."""
+    os.fchmod(fd, 0o666 & ~_umask())
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write a file so that readers never see a partial version.
+
+    The file gets the usual mode (0666 minus the umask), as if written with ``open``.
 
     Args:
         path: Destination file. Its folder is created if needed.
@@ -48,6 +67,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
             "folder is writable and the disk has space."
         ) from err
     try:
+        apply_umask(fd)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

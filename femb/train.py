@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from femb import distributed
 from femb.config_check import check_config
@@ -158,6 +158,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             ``resume=auto`` or ``resume=<run dir>``).
     """
     check_config(cfg)  # impossible values fail here, before any data is read
+    _absolute_data_root(cfg)
     with distributed.distributed_from_env(cfg.device):
         out_dir = Path(cfg.output_dir)
         parts = build(cfg)
@@ -208,6 +209,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if cfg.tensorboard:
                 _write_hparams(out_dir, resolved, metrics, model.global_step)
     return metrics
+
+
+def _absolute_data_root(cfg: DictConfig) -> None:
+    """Pin ``data_root`` (relative to the working directory by default) to an absolute path,
+    so that the config stored in the checkpoints finds the data from any directory."""
+    if cfg.get("data_root") is None:
+        return
+    with open_dict(cfg):
+        cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())
 
 
 def _write_hparams(out_dir: Path, resolved: dict, metrics: dict, step: int) -> None:

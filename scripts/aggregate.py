@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
-        return 2
+        return 1
 
     sweep = report["sweep"]
     print((out / "groups.md").read_text())

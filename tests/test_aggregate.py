@@ -245,6 +245,15 @@ def test_missing_folder_and_empty_folder_raise(tmp_path):
         analysis.load_runs(tmp_path / "empty")
 
 
+def test_aggregate_of_a_mistyped_path_exits_1_and_creates_nothing(tmp_path, caplog):
+    assert aggregate_script().main([str(tmp_path / "typo")]) == 1
+    assert "does not exist" in caplog.text
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    assert aggregate_script().main([str(tmp_path / "empty")]) == 1
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
 def test_interpolate_tpr_takes_the_top_of_vertical_segments():
     fpr = np.array([0.0, 0.0, 0.5, 0.5, 1.0])
     tpr = np.array([0.0, 0.4, 0.6, 0.9, 1.0])

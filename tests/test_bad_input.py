@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,6 +72,22 @@ def test_partial_fc_with_a_loss_it_would_ignore(tmp_path, override):
         check_config(cfg)
     assert "e.g. loss=cross_entropy loss.label_smoothing=0.0" in str(err.value)
     check_config(compose_train(["header=partial_fc"], tmp_path))
+
+
+def test_a_misspelt_added_key_is_caught_and_a_new_one_only_warned_about(tmp_path, caplog):
+    cfg = compose_train(["+max_trainig_steps=3"], tmp_path)
+    with pytest.raises(ConfigError, match="did you mean max_training_steps") as err:
+        check_config(cfg)
+    assert "e.g. max_training_steps=3" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="femb"):
+        check_config(compose_train(["+tag=baseline"], tmp_path))
+    assert "tag='baseline' is not one femb reads" in caplog.text
+
+
+def test_known_keys_are_the_keys_of_the_default_config(tmp_path):
+    from femb.config_check import KNOWN_KEYS
+
+    assert set(compose_train([], tmp_path).keys()) == KNOWN_KEYS
 
 
 def test_both_stop_criteria_zero(tmp_path):
@@ -257,6 +274,24 @@ def test_disk_full_leaves_the_previous_csv_intact(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["verification.csv"]  # no temp left
 
 
+def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    """Run folders and datasets are read by others: atomic writes apply the umask as open()."""
+    from femb.data import write_bin, write_recordio
+    from femb.run_io import save_checkpoint
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    write_csv(tmp_path / "verification.csv", [{"step": 1, "val/eer": 0.5}])
+    save_checkpoint({"step": 1}, tmp_path / "checkpoints" / "last.pt")
+    jpeg = (tmp_path / "face.jpg", Image.new("RGB", (8, 8)))
+    jpeg[1].save(jpeg[0])
+    write_bin(tmp_path / "pairs.bin", [jpeg[0].read_bytes()] * 2, [True])
+    write_recordio(tmp_path / "train", [(jpeg[0].read_bytes(), 0)])
+    files = ["verification.csv", "checkpoints/last.pt", "pairs.bin", "train.rec", "train.idx"]
+    for name in files:
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_loss_that_is_not_finite_stops_with_the_step(tmp_path):
     from femb import FaceEmbeddingModel
     from femb.data import SyntheticFaceDataset
@@ -298,3 +333,30 @@ def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
     assert "training would never stop" in done.stderr
     assert "training would never stop" in (tmp_path / "0" / "error.txt").read_text()
     assert (tmp_path / "1" / "metrics.json").is_file()  # ...after the other job finished
+
+    from femb.analysis import load_runs
+
+    sweep = load_runs([tmp_path])
+    (problem,) = sweep.problems.itertuples()
+    assert problem.status == "failed" and Path(problem.run_dir).name == "0"
+    assert problem.problem.startswith("failed: femb.config_check.ConfigError: invalid config")
+    assert "training would never stop" in problem.problem
+
+
+def test_a_user_error_in_a_single_run_is_one_message_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    command = [
+        sys.executable, "scripts/train.py", "debug=fast", "optimizer.lr=-1",
+        f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert "optimizer.lr=-1: expected a number > 0" in output
+    assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
+    assert f"traceback in {tmp_path / 'error.txt'}" in output
+    assert "Traceback" in (tmp_path / "error.txt").read_text()

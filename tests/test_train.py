@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
 
 from femb.data import SyntheticFaceDataset
 from femb.train import build, load_model, train
@@ -88,6 +90,34 @@ def test_every_header_trains_on_real_orl_faces(make_cfg, data_root, header):
     assert 0.0 <= metrics["orl/eer"] <= 1.0
     assert metrics["orl/n_genuine"] == 10 * 45  # all pairs of s31-s40, 10 images each
     assert metrics["orl/n_impostor"] == 100 * 99 // 2 - 450
+
+
+def test_a_run_finds_its_data_from_any_directory(make_cfg, data_root, tmp_path, monkeypatch):
+    """data_root is relative to the working directory; the checkpoint stores it absolute, so
+    scripts/evaluate.py (femb.inference) works from elsewhere; moved data gets a clear hint."""
+    from femb.inference import evaluate_run, load_run
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    relative = os.path.relpath(data_root, tmp_path / "work")
+    overrides = [f"data_root={relative}", "backbone=mobilefacenet", "image_size=32"]
+    overrides += ["max_training_steps=4", "evaluation_steps=4", "embed_dim=64"]
+    metrics = train(make_cfg([*overrides, "batch_size=8", "tensorboard=false"]))
+    run = load_run(tmp_path / "run")
+    assert run.config.data_root == str(data_root)
+    assert run.config.dataset.val.orl.root == str(data_root / "orl")
+
+    monkeypatch.chdir(tmp_path)
+    again = evaluate_run(run, device="cpu", batch_size=8)
+    assert again["orl/eer"] == pytest.approx(metrics["orl/eer"], abs=1e-4)
+
+    with open_dict(run.config):
+        run.config.data_root = str(tmp_path / "moved")
+        run.config.dataset.val.orl.root = str(tmp_path / "moved" / "orl")
+    with pytest.raises(FileNotFoundError, match="pass --data-root DIR to the script"):
+        evaluate_run(run, device="cpu")
+    moved = evaluate_run(run, device="cpu", batch_size=8, data_root=data_root)
+    assert moved["orl/eer"] == again["orl/eer"]
 
 
 def test_scheduler_total_steps_is_injected(make_cfg):

@@ -16,7 +16,6 @@ import io
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from PIL import Image
 
 from femb.data.base import FaceDataset, ImageReadError
 from femb.data.transforms import face_transform
+from femb.run_io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +163,9 @@ def write_bin(
         )
     bins = [_encode(image, i) for i, image in enumerate(images)]
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pickle.dump((bins, flags), handle, protocol=pickle.HIGHEST_PROTOCOL)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(
+        path, lambda handle: pickle.dump((bins, flags), handle, protocol=pickle.HIGHEST_PROTOCOL)
+    )
 
 
 def consecutive_folds(num_pairs: int, num_folds: int = 10) -> np.ndarray:

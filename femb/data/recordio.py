@@ -49,7 +49,7 @@ from torchvision.transforms import v2
 
 from femb.data.base import DATA_ROOT_HINT, FaceDataset, ImageReadError
 from femb.data.transforms import ToRGB, face_transform
-from femb.run_io import atomic_write
+from femb.run_io import apply_umask, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -734,17 +734,14 @@ def write_recordio(
             prefix=f".{idx_path.name}.", suffix=".tmp", dir=idx_path.parent
         )
         temps.append(tmp_idx)
+        apply_umask(fd_rec)  # datasets are usually shared: not mkstemp's 0600
+        apply_umask(fd_idx)
         with os.fdopen(fd_rec, "wb") as rec, os.fdopen(fd_idx, "w", encoding="ascii") as idx:
             num_images, starts = _write_records(rec, idx, samples)
             rec.flush()
             os.fsync(rec.fileno())
             idx.flush()
             os.fsync(idx.fileno())
-        # mkstemp creates 0600 files; datasets are usually shared, so apply the umask instead.
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp in temps:
-            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp_rec, rec_path)
         os.replace(tmp_idx, idx_path)
         temps.clear()
