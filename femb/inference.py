@@ -947,9 +947,16 @@ class Comparison:
         """One line: the decision, the score and the rule."""
         verdict = "same person" if self.same else "different people"
         op = ">=" if self.same else "<"
+        # 4 decimals, or as many as it takes to tell the score from the threshold.
+        digits = 4
+        while digits < 12 and (
+            f"{self.score:.{digits}f}" == f"{self.threshold.value:.{digits}f}"
+            and self.score != self.threshold.value
+        ):
+            digits += 2
         return (
-            f"{verdict}: {self.threshold.similarity} similarity {self.score:.4f} {op} "
-            f"threshold {self.threshold.value:.4f} ({self.threshold.description})"
+            f"{verdict}: {self.threshold.similarity} similarity {self.score:.{digits}f} {op} "
+            f"threshold {self.threshold.value:.{digits}f} ({self.threshold.description})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -1329,7 +1336,11 @@ def _export_torchscript(
 
 
 def _run_torchscript(data: bytes, inputs: Sequence[torch.Tensor]) -> list[tuple[np.ndarray, ...]]:
-    loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    with warnings.catch_warnings():
+        # femb's own parity check; the user asked for TorchScript (its deprecation is in the
+        # README and shows when they load the file themselves).
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*jit.*")
+        loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
     with torch.no_grad():
         return [tuple(t.numpy() for t in loaded(x)) for x in inputs]
 
