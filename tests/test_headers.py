@@ -474,8 +474,8 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
         "bf16_module",
         "fp16_input",
         "fp16_module",
-        pytest.param("fp16_input_cuda", marks=NEEDS_CUDA),
-        pytest.param("fp16_autocast_cuda", marks=NEEDS_CUDA),
+        pytest.param("fp16_input_cuda", marks=[pytest.mark.gpu, NEEDS_CUDA]),
+        pytest.param("fp16_autocast_cuda", marks=[pytest.mark.gpu, NEEDS_CUDA]),
     ],
 )
 @pytest.mark.parametrize("name", sorted(VARIANTS))
