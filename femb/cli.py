@@ -28,7 +28,8 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 def setup_logging(quiet: bool = False) -> None:
     """femb's progress at INFO (WARNING when ``quiet``); other libraries at WARNING (the ONNX
-    exporters are chatty)."""
+    exporters are chatty). For a tool's ``main`` only: the library itself never configures
+    logging."""
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     logging.getLogger("femb").setLevel(logging.WARNING if quiet else logging.INFO)
 
