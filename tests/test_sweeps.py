@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from femb import analysis
@@ -65,6 +66,11 @@ def test_compare_presets_sweep_the_four_margin_headers(preset, seeds):
     for key in ("max_epochs", "batch_size", "image_size", "embed_dim"):
         assert cfg[key] > 0, key
     assert cfg.optimizer.lr > 0 and cfg.backbone.backbone == "tv_resnet18"
+    for header in cfg.hydra.sweeper.params.header.split(","):
+        # Every swept header builds with the preset's header settings (LFW: s=30).
+        node = hydra_cfg([f"experiment={preset}", f"header={header}"]).header
+        built = instantiate(node, in_features=8, out_features=5)
+        assert built.s == (30.0 if preset == "compare_heads_lfw" else node.s), header
 
 
 def test_slurm_launcher_option_extends_submitit_slurm():
