@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from femb import distributed, fit_loop
 from femb.fit_loop import LOWER_IS_BETTER, NONFINITE_POLICIES, PRECISIONS
-from femb.headers.partial_fc import full_optimizer_state, local_optimizer_state
 from femb.run_io import (
     RunWriter,
     carry_run_files,
@@ -711,7 +710,9 @@ class FaceEmbeddingModel(nn.Module):
             "backbone": self.backbone.state_dict(),
             "header": full_state() if sharded else self.header.state_dict(),
             "optimizer": (
-                full_optimizer_state(optimizer, self.header) if optimizer is not None else None
+                fit_loop.full_optimizer_state(optimizer, self.header)
+                if optimizer is not None
+                else None
             ),
             "schedulers": {
                 "epoch": lr_epoch_scheduler.state_dict() if lr_epoch_scheduler else None,
@@ -801,7 +802,7 @@ class FaceEmbeddingModel(nn.Module):
         if checkpoint.get("optimizer") is not None:
             try:
                 optimizer.load_state_dict(
-                    local_optimizer_state(checkpoint["optimizer"], optimizer, self.header)
+                    fit_loop.local_optimizer_state(checkpoint["optimizer"], optimizer, self.header)
                 )
             except (ValueError, KeyError) as err:
                 raise ValueError(

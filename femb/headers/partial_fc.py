@@ -481,7 +481,7 @@ class PartialFCHeader(Header):
                 f"weight must have shape {expected} (out_features, in_features), got "
                 f"{tuple(weight.shape)}"
             )
-        self.weight.copy_(weight[self.class_start : self.class_start + self.num_local])
+        self.weight.copy_(self.local_rows(weight))
 
     def extra_repr(self) -> str:
         return (
@@ -491,62 +491,4 @@ class PartialFCHeader(Header):
         )
 
 
-def _sharded_slots(optimizer: torch.optim.Optimizer, header: nn.Module) -> dict[int, Tensor]:
-    """Index in ``optimizer.state_dict()["state"]`` -> parameter, for the sharded ones."""
-    sharded_parameters = getattr(header, "sharded_parameters", None)
-    sharded = {id(p) for p in (sharded_parameters() if sharded_parameters else [])}
-    flat = [p for group in optimizer.param_groups for p in group["params"]]
-    return {i: p for i, p in enumerate(flat) if id(p) in sharded}
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer, header: nn.Module) -> dict:
-    """``optimizer.state_dict()`` with the states of a sharded header gathered to all C rows.
-
-    Per-parameter tensors shaped like a sharded parameter (SGD's momentum, Adam's moments) are
-    all-gathered, so a checkpoint holds the optimizer state of every class and resumes on any
-    world size (:func:`local_optimizer_state`). Collective when ``header`` is sharded: call it
-    on all ranks. The optimizer's own state is not modified.
-    """
-    state = optimizer.state_dict()
-    slots = _sharded_slots(optimizer, header)
-    if not slots:
-        return state
-    per_param = dict(state["state"])
-    for index in sorted(slots):  # the same collectives in the same order on every rank
-        entry = per_param.get(index)
-        if entry is None:
-            continue  # not stepped yet, on any rank
-        shape = slots[index].shape
-        per_param[index] = {
-            key: header.gather_rows(value)
-            if isinstance(value, Tensor) and value.shape == shape
-            else value
-            for key, value in entry.items()
-        }
-    return {**state, "state": per_param}
-
-
-def local_optimizer_state(
-    state: dict, optimizer: torch.optim.Optimizer, header: nn.Module
-) -> dict:
-    """The inverse of :func:`full_optimizer_state`: this rank's rows of a sharded header's
-    optimizer states, ready for ``optimizer.load_state_dict``."""
-    slots = _sharded_slots(optimizer, header)
-    if not slots:
-        return state
-    per_param = dict(state["state"])
-    for index, param in slots.items():
-        full_shape = (header.out_features, *param.shape[1:])
-        entry = per_param.get(index)
-        if entry is None:
-            continue
-        per_param[index] = {
-            key: header.local_rows(value)
-            if isinstance(value, Tensor) and tuple(value.shape) == full_shape
-            else value
-            for key, value in entry.items()
-        }
-    return {**state, "state": per_param}
-
-
-__all__ = ["PartialFCHeader", "full_optimizer_state", "local_optimizer_state", "shard_range"]
+__all__ = ["PartialFCHeader", "shard_range"]
